@@ -1,0 +1,330 @@
+"""Shared building blocks for every tower: dense, norm, attention, MLP, layer stacks.
+
+Every model family in this package (the CLIP video ViT, the BERT text towers of mPLUG-2,
+and later the LLaMA decoder and visual abstractor of mPLUG-Owl2) is assembled from the
+pieces in this file, so that there is exactly one attention, one MLP and one norm.
+
+Conventions:
+  * Every parameter carries logical axis names (`nn.with_logical_partitioning`); the
+    single rules table in `mplug2_jax/sharding.py` maps them onto mesh axes.
+  * Activations are constrained at block boundaries with logical names
+    (`activation_batch`, `activation_length`, `activation_embed`).
+  * `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+
+# Logical axis names used by parameters. The rules table must cover every one of them.
+PARAM_AXES = (
+    "embed",        # model width of a tower
+    "mlp",          # hidden width of an MLP, bottleneck width of a temporal adapter
+    "heads",        # attention heads
+    "kv",           # width of one attention head
+    "vocab",        # vocabulary
+    "layers",       # stacked (scanned) layers
+    "norm",         # norm gains / biases
+    "position",     # position-embedding rows
+    "latents",      # learnable query rows
+    "conv_kernel",  # spatial / temporal kernel taps of a convolution
+    "conv_in",      # input channels of the patch convolution
+    "classes",      # classifier outputs, ITC projection width
+)
+# Logical axis names used by activation sharding constraints.
+ACTIVATION_AXES = (
+    "activation_batch",
+    "activation_length",
+    "activation_embed",
+    "activation_heads",
+    "activation_mlp",
+    "activation_vocab",
+)
+LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
+
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+def constrain(x: Array, axes: Sequence[str | None] = BATCH_LENGTH_EMBED) -> Array:
+  """Sharding constraint by logical names; a no-op outside a mesh / rules context."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+def param_init(init: Callable, axes: Sequence[str]) -> Callable:
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+# --------------------------------------------------------------------------------------
+# Dense and norm.
+# --------------------------------------------------------------------------------------
+
+
+class Dense(nn.Module):
+  """`nn.DenseGeneral` whose kernel and bias carry logical axis names.
+
+  The kernel has shape `in_shape + features`; `kernel_axes` names all of its dims.
+  """
+
+  features: int | tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  axis: int | tuple[int, ...] = -1
+  use_bias: bool = True
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  kernel_init: Callable = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    bias_axes = self.kernel_axes[-len(features):]
+    return nn.DenseGeneral(
+        features=features,
+        axis=self.axis,
+        use_bias=self.use_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=param_init(self.kernel_init, self.kernel_axes),
+        bias_init=param_init(nn.initializers.zeros_init(), bias_axes),
+        name="dense",
+    )(x)
+
+
+class Norm(nn.Module):
+  """The one normalisation helper: LayerNorm (CLIP, BERT) or RMSNorm (LLaMA).
+
+  Statistics are computed in float32 with the two-pass variance (as PyTorch does), so
+  that float32 outputs match the reference implementations to rounding.
+  """
+
+  eps: float
+  kind: str = "layernorm"  # "layernorm" | "rmsnorm"
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    width = x.shape[-1]
+    scale = self.param("scale", param_init(nn.initializers.ones_init(), ("norm",)),
+                       (width,), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      bias = self.param("bias", param_init(nn.initializers.zeros_init(), ("norm",)),
+                        (width,), self.param_dtype)
+      mean = jnp.mean(xf, axis=-1, keepdims=True)
+      centred = xf - mean
+      var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+      y = centred * jax.lax.rsqrt(var + self.eps)
+      y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    elif self.kind == "rmsnorm":
+      var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+      y = xf * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+    else:
+      raise ValueError(f"unknown norm kind {self.kind!r}")
+    return y.astype(self.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Activations.
+# --------------------------------------------------------------------------------------
+
+
+def quick_gelu(x: Array) -> Array:
+  """CLIP's QuickGELU: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # BERT "gelu" = erf GELU
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Attention.
+# --------------------------------------------------------------------------------------
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def attention_op(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array | None = None,
+    *,
+    implementation: str = "xla",
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> Array:
+  """Scaled dot-product attention, (B, T, N, H) x (B, S, N, H) -> (B, T, N, H).
+
+  `mask` is boolean, broadcastable to (B, N, T, S), True where a query may attend.
+  The softmax scale is 1/sqrt(H). With attention-probability dropout (BERT fine-tuning)
+  the probabilities must be materialised, so that case uses the explicit formulation;
+  everything else goes through `jax.nn.dot_product_attention` ("xla", "cudnn", or
+  "auto" = cuDNN on GPU when the dtype allows it, XLA otherwise).
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    scale = query.shape[-1] ** -0.5
+    logits = jnp.einsum("btnh,bsnh->bnts", query, key,
+                        preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, value)
+  impl = implementation
+  if impl == "auto":
+    on_gpu = jax.default_backend() == "gpu"
+    impl = "cudnn" if on_gpu and query.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with separate q/k/v projections and an output projection.
+
+  Used for self-attention (`inputs_kv=None`) and cross-attention. Returns the output
+  projection only: residuals and norms belong to the block, since BERT (post-norm),
+  CLIP (pre-norm) and LLaMA place them differently.
+  """
+
+  num_heads: int
+  head_dim: int
+  out_features: int
+  use_bias: bool = True
+  implementation: str = "xla"
+  dropout_rate: float = 0.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array | None = None,
+               mask: Array | None = None, deterministic: bool = True) -> Array:
+    inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+    proj = functools.partial(Dense, features=(self.num_heads, self.head_dim),
+                             kernel_axes=("embed", "heads", "kv"), use_bias=self.use_bias,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+    q = proj(name="query")(inputs_q)
+    k = proj(name="key")(inputs_kv)
+    v = proj(name="value")(inputs_kv)
+    heads = ("activation_batch", "activation_length", "activation_heads", None)
+    q, k, v = constrain(q, heads), constrain(k, heads), constrain(v, heads)
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0.0:
+      dropout_rng = self.make_rng("dropout")
+    ctx = attention_op(q, k, v, mask, implementation=self.implementation,
+                       dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+    return Dense(self.out_features, kernel_axes=("heads", "kv", "embed"), axis=(-2, -1),
+                 use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="out")(ctx)
+
+
+def padding_mask(key_mask: Array) -> Array:
+  """(B, S) 1/0 key mask -> boolean (B, 1, 1, S)."""
+  return key_mask.astype(bool)[:, None, None, :]
+
+
+def causal_padding_mask(key_mask: Array) -> Array:
+  """(B, S) key mask -> boolean (B, 1, S, S): causal and not padding."""
+  length = key_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+  return causal[None, None] & padding_mask(key_mask)
+
+
+# --------------------------------------------------------------------------------------
+# MLP.
+# --------------------------------------------------------------------------------------
+
+
+class Mlp(nn.Module):
+  """The one MLP: `wo(act(wi(x)))`, or `wo(act(gate(x)) * wi(x))` when gated (LLaMA)."""
+
+  hidden: int
+  out_features: int
+  act: str = "gelu"
+  gated: bool = False
+  use_bias: bool = True
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dense = functools.partial(Dense, use_bias=self.use_bias, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    h = dense(self.hidden, kernel_axes=("embed", "mlp"), name="wi")(x)
+    if self.gated:
+      gate = dense(self.hidden, kernel_axes=("embed", "mlp"), name="gate")(x)
+      h = activation(self.act)(gate) * h
+    else:
+      h = activation(self.act)(h)
+    h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+    return dense(self.out_features, kernel_axes=("mlp", "embed"), name="wo")(h)
+
+
+# --------------------------------------------------------------------------------------
+# Layer stacks: scan + remat.
+# --------------------------------------------------------------------------------------
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: fastest, most memory
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything: least memory
+}
+
+
+def stack(block: type[nn.Module], length: int, remat_policy: str,
+          broadcast_args: int) -> type[nn.Module]:
+  """Wraps `block` in remat (named policy) and `nn.scan` over `length` layers.
+
+  The block's call signature is `(carry, *broadcast) -> (carry, per_layer_output)`;
+  parameters are stacked on a leading "layers" axis.
+  """
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy {remat_policy!r} not in {sorted(REMAT_POLICIES)}")
+  if remat_policy != "none":
+    block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False,
+                     static_argnums=())
+  return nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * broadcast_args,
+      length=length,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+
+
+def runs(kinds: Sequence[Any]) -> list[tuple[Any, int, int]]:
+  """Groups consecutive equal kinds: ['a','a','b','a'] -> [('a',0,2), ('b',2,1), ('a',3,1)]."""
+  out: list[tuple[Any, int, int]] = []
+  for i, kind in enumerate(kinds):
+    if out and out[-1][0] == kind:
+      out[-1] = (kind, out[-1][1], out[-1][2] + 1)
+    else:
+      out.append((kind, i, 1))
+  return out

@@ -1,0 +1,153 @@
+"""CLIP vision transformer with mPLUG-2's local temporal modules (the video encoder).
+
+Spec: `shared/spec/mplug2.md` section 2. Input video (B, T, H, W, 3) channels-last,
+CLIP-normalised; an image is a video with T = 1. Output (B, 1 + T'·G², D): the mean over
+frames of the per-frame class tokens, then every frame's patch tokens frame-major, after
+`ln_post`. The CLIP projection is not applied (mPLUG-2 never uses it).
+
+Per block: LocalTemporal #1 on patch tokens -> pre-norm spatial self-attention within
+each frame -> LocalTemporal #2 on patch tokens -> pre-norm QuickGELU MLP. Class tokens
+skip the temporal modules. There is no temporal position embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from mplug2_jax.models import layers
+
+Array = Any
+
+
+class LocalTemporal(nn.Module):
+  """Bottleneck adapter with a depthwise 3-tap convolution along time.
+
+  LN -> down (C -> C/2) -> depthwise temporal conv (zero padded) -> QuickGELU -> up.
+  `up` is zero-initialised, so a fresh module is an identity residual.
+  """
+
+  width: int
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:  # x: (B, T, P, C)
+    bottleneck = self.width // 2
+    h = layers.Norm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+    h = layers.Dense(bottleneck, kernel_axes=("embed", "mlp"), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="down")(h)
+    kernel = self.param("conv_kernel", layers.param_init(nn.initializers.normal(0.1),
+                                                          ("conv_kernel", "mlp")),
+                        (3, bottleneck), self.param_dtype).astype(self.dtype)
+    bias = self.param("conv_bias", layers.param_init(nn.initializers.zeros_init(), ("mlp",)),
+                      (bottleneck,), self.param_dtype).astype(self.dtype)
+    padded = jnp.pad(h, ((0, 0), (1, 1), (0, 0), (0, 0)))
+    frames = h.shape[1]
+    h = (kernel[0] * padded[:, 0:frames] + kernel[1] * padded[:, 1:frames + 1]
+         + kernel[2] * padded[:, 2:frames + 2] + bias)
+    h = layers.quick_gelu(h)
+    return layers.Dense(self.width, kernel_axes=("mlp", "embed"), dtype=self.dtype,
+                        param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros_init(),
+                        name="up")(h)
+
+
+class VisionBlock(nn.Module):
+  """One TemporalBlock; the scan carry is (B·T, 1 + G², C), frames inner."""
+
+  cfg: ml_collections.ConfigDict
+  frames: int
+  attention: str = "xla"
+  collect: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, _=None):
+    cfg = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width = x.shape[-1]
+
+    def temporal(name, x):
+      if not cfg.temporal_adapter:
+        return x
+      cls, patches = x[:, :1], x[:, 1:]
+      p = patches.reshape(-1, self.frames, *patches.shape[1:])  # (B, T, G², C)
+      p = p + LocalTemporal(width, cfg.ln_eps, name=name, **kw)(p)
+      return jnp.concatenate([cls, p.reshape(patches.shape)], axis=1)
+
+    x = temporal("temporal1", x)
+    h = layers.Norm(cfg.ln_eps, name="attn_norm", **kw)(x)
+    x = x + layers.MultiHeadAttention(width // cfg.head_dim, cfg.head_dim, width,
+                                      implementation=self.attention, name="attn", **kw)(h)
+    x = temporal("temporal2", x)
+    h = layers.Norm(cfg.ln_eps, name="mlp_norm", **kw)(x)
+    x = x + layers.Mlp(cfg.mlp_ratio * width, width, act="quick_gelu", name="mlp", **kw)(h)
+    x = layers.constrain(x)
+    return x, (x if self.collect else None)
+
+
+class VideoEncoder(nn.Module):
+  """The dual-vision encoder (CLIP ViT + local temporal modules).
+
+  Returns `(tokens, aux)` with `aux["vision_block_outputs"]` (L, B·T', 1+G², C) when
+  `collect` is set (parity tests), else an empty dict.
+  """
+
+  cfg: ml_collections.ConfigDict  # config.model.vision
+  remat_policy: str = "none"
+  attention: str = "xla"
+  collect: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, video: Array) -> tuple[Array, dict]:
+    cfg = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width, p = cfg.width, cfg.patch_size
+    video = video.astype(self.dtype)
+    batch = video.shape[0]
+    if cfg.temporal_downsampling:
+      t_kernel, t_stride, t_pad = 3, cfg.temporal_stride, 1
+    else:
+      t_kernel, t_stride, t_pad = 1, 1, 0
+    x = nn.Conv(width, (t_kernel, p, p), strides=(t_stride, p, p),
+                padding=((t_pad, t_pad), (0, 0), (0, 0)), use_bias=False,
+                kernel_init=layers.param_init(
+                    nn.initializers.lecun_normal(),
+                    ("conv_kernel", "conv_kernel", "conv_kernel", "conv_in", "embed")),
+                name="patch_embed", **kw)(video)  # (B, T', G, G, C)
+    frames, grid = x.shape[1], x.shape[2]
+    x = x.reshape(batch * frames, grid * grid, width)
+    cls = self.param("class_embedding", layers.param_init(nn.initializers.normal(0.02), ("embed",)),
+                     (width,), self.param_dtype).astype(self.dtype)
+    pos = self.param("positional_embedding",
+                     layers.param_init(nn.initializers.normal(0.02), ("position", "embed")),
+                     (1 + grid * grid, width), self.param_dtype).astype(self.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)), x], axis=1) + pos
+    x = layers.Norm(cfg.ln_eps, name="ln_pre", **kw)(x)
+    x = layers.constrain(x)
+
+    blocks = layers.stack(VisionBlock, cfg.layers, self.remat_policy, broadcast_args=1)
+    x, per_block = blocks(cfg, frames, self.attention, self.collect, name="blocks", **kw)(x, None)
+
+    x = x.reshape(batch, frames, 1 + grid * grid, width)
+    video_cls = jnp.mean(x[:, :, :1], axis=1)                            # (B, 1, C)
+    patches = x[:, :, 1:].reshape(batch, frames * grid * grid, width)    # frame-major
+    tokens = layers.Norm(cfg.ln_eps, name="ln_post", **kw)(
+        jnp.concatenate([video_cls, patches], axis=1))
+    aux = {"vision_block_outputs": per_block} if self.collect else {}
+    return layers.constrain(tokens), aux
+
+
+def num_tokens(cfg: ml_collections.ConfigDict, frames: int) -> int:
+  """Visual token count 1 + T'·G² for `frames` input frames."""
+  grid = cfg.image_size // cfg.patch_size
+  if cfg.temporal_downsampling:
+    frames = (frames + 2 - 3) // cfg.temporal_stride + 1
+  return 1 + frames * grid * grid

@@ -1,0 +1,98 @@
+"""Device mesh and logical-axis sharding.
+
+Models name axes only logically (see `models/layers.py`); `config.sharding_rules` maps
+them to the mesh axes `data`, `fsdp`, `tensor`. Parameters are created directly in their
+sharded layout: shapes come from `jax.eval_shape`, shardings from the rules, and `init` is
+jitted with those `out_shardings`, so a large model never sits on one device.
+
+A dimension that the mesh axis does not divide (a 1-head tower on a tensor axis of 2, a
+2-way ITM head) is replicated on that axis instead of padded; `param_shardings` reports
+these so that tests and logs can show them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mplug2_jax import config_lib
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = config_lib.mesh_shape(config, len(devices))
+  axes = tuple(config.mesh.axes)
+  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+
+
+def rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in config.sharding_rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, config: ml_collections.ConfigDict):
+  """Mesh + logical rules context for tracing sharded model code."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules(config)):
+    yield
+
+
+def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[int]]:
+  """Drops mesh axes that do not divide their dimension; returns the dims replicated."""
+  fitted, dropped = [], []
+  for dim, (size, entry) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if axes and size % ways:
+      fitted.append(None)
+      dropped.append(dim)
+    else:
+      fitted.append(entry)
+  return P(*fitted), dropped
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, config: ml_collections.ConfigDict,
+                      report: list | None = None) -> Any:
+  """NamedShardings for a tree of (possibly boxed) abstract arrays by the rules."""
+  specs = nn.get_partition_spec(abstract_tree)
+  mesh_specs = nn.logical_to_mesh(specs, rules(config))
+  values = nn.meta.unbox(abstract_tree)
+
+  def one(path, spec, value):
+    spec, dropped = _fit_spec(spec if spec is not None else P(), value.shape, mesh)
+    if dropped and report is not None:
+      report.append((jax.tree_util.keystr(path), value.shape, dropped))
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(
+      one, mesh_specs, values, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def init_params(model: nn.Module, batch: dict, rng: jax.Array, mesh: Mesh,
+                config: ml_collections.ConfigDict, method: Callable | None = None):
+  """Sharded parameter init: eval_shape -> shardings from rules -> jit(init, out_shardings)."""
+  def init(rng, batch):
+    variables = model.init({"params": rng, "dropout": rng}, batch, method=method)
+    return variables["params"]
+
+  with activate(mesh, config):
+    abstract = jax.eval_shape(init, rng, batch)
+    shardings = logical_shardings(abstract, mesh, config)
+    params = jax.jit(lambda r, b: nn.meta.unbox(init(r, b)), out_shardings=shardings)(rng, batch)
+  return params, shardings
+
+
+def abstract_params(model: nn.Module, batch: dict, method: Callable | None = None) -> Any:
+  """Parameter shapes without allocating (boxed with their logical axes)."""
+  return jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, batch,
+                         method=method)["params"])
+
+
+def count_params(tree: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(tree)))

@@ -1,0 +1,39 @@
+"""mplug2_jax: JAX/Flax training codebase for the mPLUG family (mPLUG-2, mPLUG-Owl2)."""
+
+from setuptools import find_packages, setup
+
+# Versions that install together on Python 3.11 (see DEVELOPERS.md, environment facts).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "sentencepiece==0.2.3",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "tokenizers>=0.19",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # torch is only for .pth conversion and the comparisons with transformers.
+    "torch": ["torch==2.13.0", "transformers>=4.40,<5"],
+    "gpu": ["jax[cuda12]==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2"],
+}
+
+setup(
+    name="mplug2_jax",
+    version="0.1.0",
+    description="mPLUG-2 / mPLUG-Owl2 in JAX/Flax: sharded training, evaluation, conversion",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["mplug2_jax", "mplug2_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
