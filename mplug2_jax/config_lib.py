@@ -24,19 +24,23 @@ VISION_PRESETS = {
     "base": dict(width=768, layers=12, patch_size=16, image_size=224, num_frames=16),   # ViT-B/16
     "large": dict(width=1024, layers=24, patch_size=14, image_size=224, num_frames=16),  # ViT-L/14
 }
-# BERT towers (configs/config_bert*.json of the official code).
+# BERT towers (configs/config_bert*.json of the official code). The official fusion model
+# builds `fusion_layers_built` (its json's num_hidden_layers) layers and runs the last
+# `fusion_layers`; we build only those that run (the count is kept for conversion).
 TEXT_PRESETS = {
     "tiny": dict(hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=512,
                  max_position_embeddings=32, encoder_layers=4, universal_layers=2,
-                 fusion_layers=3, fusion_stride=2, decoder_layers=2),
+                 fusion_layers=3, fusion_layers_built=4, fusion_stride=2, decoder_layers=2),
     # config_bert.json: 12 text layers (2 universal), 12 fusion built / last 3 run.
     "base": dict(hidden_size=768, num_heads=12, intermediate_size=3072, vocab_size=30522,
                  max_position_embeddings=512, encoder_layers=12, universal_layers=2,
-                 fusion_layers=3, fusion_stride=100, decoder_layers=12),
+                 fusion_layers=3, fusion_layers_built=12, fusion_stride=100,
+                 decoder_layers=12),
     # config_bert_large_text.json: 24 text layers (2 universal), 24 fusion built / 6 run.
     "large": dict(hidden_size=1024, num_heads=16, intermediate_size=4096, vocab_size=30522,
                   max_position_embeddings=512, encoder_layers=24, universal_layers=2,
-                  fusion_layers=6, fusion_stride=1000, decoder_layers=12),
+                  fusion_layers=6, fusion_layers_built=24, fusion_stride=1000,
+                  decoder_layers=12),
 }
 SIZES = tuple(VISION_PRESETS)
 
@@ -188,6 +192,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
          t.universal_layers, f"must be in [1, model.text.encoder_layers={t.encoder_layers}]")
   if "fusion" in modules:
     _check(t.fusion_layers >= 1, "model.text.fusion_layers", t.fusion_layers, "must be >= 1")
+    _check(t.fusion_layers_built >= 1, "model.text.fusion_layers_built",
+           t.fusion_layers_built, "must be >= 1")
     _check(t.fusion_stride >= 1, "model.text.fusion_stride", t.fusion_stride, "must be >= 1")
   if "decoder" in modules:
     _check(t.decoder_layers >= 1, "model.text.decoder_layers", t.decoder_layers, "must be >= 1")

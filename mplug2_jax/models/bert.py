@@ -190,7 +190,8 @@ class FusionEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, image: Array, image_mask: Array, text: Array, text_mask: Array):
-    kinds = [j > 0 and j % self.cfg.fusion_stride == 0 for j in range(self.cfg.fusion_layers)]
+    running = min(self.cfg.fusion_layers, self.cfg.fusion_layers_built)
+    kinds = [j > 0 and j % self.cfg.fusion_stride == 0 for j in range(running)]
     carry = (image, text)
     image_mask, text_mask = layers.padding_mask(image_mask), layers.padding_mask(text_mask)
     for joint, start, length in layers.runs(kinds):

@@ -71,14 +71,15 @@ default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
 class Dense(nn.Module):
-  """`nn.DenseGeneral` whose kernel and bias carry logical axis names.
+  """Linear layer contracting the last `in_dims` input dims; parameters carry logical axes.
 
-  The kernel has shape `in_shape + features`; `kernel_axes` names all of its dims.
+  The kernel has shape `x.shape[-in_dims:] + features` and `kernel_axes` names all of its
+  dims (so attention projections can be (embed, heads, kv) and (heads, kv, embed)).
   """
 
   features: int | tuple[int, ...]
   kernel_axes: tuple[str, ...]
-  axis: int | tuple[int, ...] = -1
+  in_dims: int = 1
   use_bias: bool = True
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
@@ -87,17 +88,16 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    bias_axes = self.kernel_axes[-len(features):]
-    return nn.DenseGeneral(
-        features=features,
-        axis=self.axis,
-        use_bias=self.use_bias,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=param_init(self.kernel_init, self.kernel_axes),
-        bias_init=param_init(nn.initializers.zeros_init(), bias_axes),
-        name="dense",
-    )(x)
+    in_shape = x.shape[x.ndim - self.in_dims:]
+    kernel = self.param("kernel", param_init(self.kernel_init, self.kernel_axes),
+                        in_shape + features, self.param_dtype)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_dims)
+    if self.use_bias:
+      bias = self.param("bias", param_init(nn.initializers.zeros_init(),
+                                           self.kernel_axes[-len(features):]),
+                        features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class Norm(nn.Module):
@@ -238,7 +238,7 @@ class MultiHeadAttention(nn.Module):
       dropout_rng = self.make_rng("dropout")
     ctx = attention_op(q, k, v, mask, implementation=self.implementation,
                        dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
-    return Dense(self.out_features, kernel_axes=("heads", "kv", "embed"), axis=(-2, -1),
+    return Dense(self.out_features, kernel_axes=("heads", "kv", "embed"), in_dims=2,
                  use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="out")(ctx)
 
