@@ -1,0 +1,148 @@
+"""Decoding for the shared text decoder: the official beam search, greedy, answer ranking.
+
+Spec: `shared/spec/mplug2.md` section 9 (beam search) and 6.2 (`rank_answer`).
+
+The beam search reproduces the official `TextGenerator` with static shapes so it compiles
+once per (batch, beams, max_length): sequences live in a (B, K, max_length + 1) buffer,
+the decoder re-reads the whole prefix each step (causal attention makes the padded future
+positions irrelevant), and instead of growing per-sample hypothesis lists we keep each
+sample's best finished hypothesis so far: the official list is sorted by score with a
+stable sort and only the best is returned, so a running maximum with strict `>` (earlier
+insertions win ties) gives the same answer. Encoder states are computed once per sample
+and shared by its K beams.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mplug2_jax.train import losses
+
+CLS, SEP, PAD = 101, 102, 0
+LENGTH_PENALTY_ALPHA = 0.6
+MIN_LENGTH_PENALTY = -1e20
+
+# decode_fn(ids (N, L), mask (N, L), encoder_states (N, S, D), encoder_mask (N, S)) -> logits
+DecodeFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class Generated(NamedTuple):
+  ids: jax.Array      # (B, max_length + 1) best hypothesis, [CLS] first, right-padded with 0
+  lengths: jax.Array  # (B,) valid tokens including [CLS]
+  scores: jax.Array   # (B,) length-penalised log-probability of the hypothesis
+
+
+def length_penalty(step) -> jax.Array:
+  return ((5.0 + step + 1.0) / 6.0) ** LENGTH_PENALTY_ALPHA
+
+
+def beam_search(decode_fn: DecodeFn, encoder_states: jax.Array, encoder_mask: jax.Array, *,
+                beam_size: int, min_length: int, max_length: int) -> Generated:
+  """Official beam search (beam_size 1 = the official greedy decoding)."""
+  batch, k, total = encoder_states.shape[0], beam_size, max_length + 1
+  states = jnp.repeat(encoder_states, k, axis=0)  # sample-major, like the official tile
+  states_mask = jnp.repeat(encoder_mask, k, axis=0)
+  seqs = jnp.zeros((batch, k, total), jnp.int32).at[:, :, 0].set(CLS)
+  cum = jnp.full((batch, k), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
+  init = dict(seqs=seqs, cum=cum, ended=jnp.zeros((batch,), bool),
+              best_score=jnp.full((batch,), -jnp.inf, jnp.float32),
+              best_seq=jnp.zeros((batch, total), jnp.int32),
+              best_len=jnp.zeros((batch,), jnp.int32), has_best=jnp.zeros((batch,), bool))
+  ones = jnp.ones((batch * k, total), jnp.int32)
+
+  def step_fn(step, s):
+    logits = decode_fn(s["seqs"].reshape(batch * k, total), ones, states, states_mask)
+    logits = jnp.take(logits, step, axis=1).astype(jnp.float32)  # position `step`
+    log_probs = jnp.log(jax.nn.softmax(logits, axis=-1)).reshape(batch, k, -1)
+    vocab = log_probs.shape[-1]
+    log_probs = jnp.where((step < min_length) & (jnp.arange(vocab) == SEP),
+                          MIN_LENGTH_PENALTY, log_probs)
+    lp = length_penalty(step)
+    scores = ((s["cum"][:, :, None] + log_probs) / lp).reshape(batch, k * vocab)
+    top_scores, top_ids = jax.lax.top_k(scores, k)
+    origin, token = top_ids // vocab, (top_ids % vocab).astype(jnp.int32)
+    seqs = jnp.take_along_axis(s["seqs"], origin[:, :, None], axis=1)
+    seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], step + 1, axis=2)
+    finished = (token == SEP) | (step == max_length - 1)
+    sample_ends = finished[:, 0] & ~s["ended"]
+    record = (finished | sample_ends[:, None]) & ~s["ended"][:, None]
+
+    best_score, best_seq, best_len, has_best = (s["best_score"], s["best_seq"], s["best_len"],
+                                                s["has_best"])
+    for j in range(k):  # candidates are appended in top-k order
+      better = record[:, j] & (~has_best | (top_scores[:, j] > best_score))
+      best_score = jnp.where(better, top_scores[:, j], best_score)
+      best_seq = jnp.where(better[:, None], seqs[:, j], best_seq)
+      best_len = jnp.where(better, step + 2, best_len)
+      has_best = has_best | better
+    return dict(seqs=seqs, cum=top_scores * lp, ended=s["ended"] | sample_ends,
+                best_score=best_score, best_seq=best_seq, best_len=best_len, has_best=has_best)
+
+  s = jax.lax.fori_loop(0, max_length, step_fn, init)
+  keep = jnp.arange(total)[None] < s["best_len"][:, None]
+  return Generated(jnp.where(keep, s["best_seq"], PAD), s["best_len"], s["best_score"])
+
+
+def rank_answers(decode_fn: DecodeFn, encoder_states: jax.Array, encoder_mask: jax.Array,
+                 answer_ids: jax.Array, answer_mask: jax.Array, k: int):
+  """Official `rank_answer`: first-token shortlist of k candidates, then re-rank by
+  log p(first token) + log p(whole answer) (the first token counted twice, as upstream).
+
+  Returns (ids (B, k) into the answer list, probabilities (B, k)), best first.
+  """
+  batch = encoder_states.shape[0]
+  start = jnp.full((batch, 1), CLS, jnp.int32).at[:, 0].set(answer_ids[0, 0])
+  logits = decode_fn(start, jnp.ones_like(start), encoder_states, encoder_mask)[:, 0]
+  first_probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, answer_ids[:, 1]]
+  top_probs, top_ids = jax.lax.top_k(first_probs, k)                  # (B, k)
+  cand_ids = answer_ids[top_ids].reshape(batch * k, -1)
+  cand_mask = answer_mask[top_ids].reshape(batch * k, -1)
+  labels = jnp.where(cand_ids == PAD, losses.IGNORE, cand_ids)
+  cand_logits = decode_fn(cand_ids, cand_mask, jnp.repeat(encoder_states, k, axis=0),
+                          jnp.repeat(encoder_mask, k, axis=0))
+  seq_loss = losses.answer_sequence_losses(cand_logits, labels).reshape(batch, k)
+  probs = jax.nn.softmax(jnp.log(top_probs) - seq_loss, axis=-1)
+  probs, order = jax.lax.top_k(probs, k)
+  return jnp.take_along_axis(top_ids, order, axis=1), probs
+
+
+def golden_outputs(case: dict, model_cfg, params, batch, inputs) -> dict[str, np.ndarray]:
+  """Generation / ranking arrays named as in the golden outputs.npz (parity CLI)."""
+  from mplug2_jax.models import mplug2
+
+  model = mplug2.build(model_cfg)
+  apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
+
+  def decode_fn(ids, mask, states, states_mask):
+    return apply(mplug2.Mplug2.decode, ids, mask, states, states_mask)[0]
+
+  image, _ = apply(mplug2.Mplug2.embed_image, batch["video"])
+  image_mask = jnp.ones(image.shape[:2], jnp.int32)
+  if case["task"] == "caption":
+    states, states_mask = image, image_mask
+  else:
+    question, _ = apply(mplug2.Mplug2.embed_text, batch["text_ids"], batch["text_mask"])
+    fused_image, fused_text = apply(mplug2.Mplug2.fuse, image, image_mask, question,
+                                    batch["text_mask"])
+    states, states_mask = mplug2.answer_encoder_states(fused_image, image_mask, fused_text,
+                                                       batch["text_mask"], None)
+  gen = case["generation"]
+  out = {}
+  for name, beams in (("beam", gen["beam_size"]), ("greedy", 1)):
+    search = jax.jit(lambda s, m, beams=beams: beam_search(
+        decode_fn, s, m, beam_size=beams, min_length=gen["min_length"],
+        max_length=gen["max_length"]))
+    result = search(states, states_mask)
+    out[f"generate_{name}_ids"] = np.asarray(result.ids)
+    out[f"generate_{name}_lengths"] = np.asarray(result.lengths)
+    out[f"generate_{name}_scores"] = np.asarray(result.scores)
+  if case["task"] != "caption":
+    ids, probs = jax.jit(rank_answers, static_argnums=(0, 5))(
+        decode_fn, states, states_mask, jnp.asarray(inputs["answer_list_input_ids"], jnp.int32),
+        jnp.asarray(inputs["answer_list_attention_mask"], jnp.int32), int(inputs["rank_k"]))
+    out["rank_topk_ids"], out["rank_topk_probs"] = np.asarray(ids), np.asarray(probs)
+  return out
