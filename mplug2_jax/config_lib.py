@@ -20,9 +20,15 @@ from mplug2_jax.models import layers
 
 # CLIP vision towers: width, blocks, patch size.
 VISION_PRESETS = {
-    "tiny": dict(width=64, layers=2, patch_size=8, image_size=32, num_frames=4),
-    "base": dict(width=768, layers=12, patch_size=16, image_size=224, num_frames=16),   # ViT-B/16
-    "large": dict(width=1024, layers=24, patch_size=14, image_size=224, num_frames=16),  # ViT-L/14
+    "tiny": dict(width=64, layers=2, patch_size=8),
+    "base": dict(width=768, layers=12, patch_size=16),   # ViT-B/16
+    "large": dict(width=1024, layers=24, patch_size=14),  # ViT-L/14
+}
+# Input resolution and frames (official fine-tuning: 224 px, 16 frames).
+INPUT_PRESETS = {
+    "tiny": dict(image_size=32, num_frames=4),
+    "base": dict(image_size=224, num_frames=16),
+    "large": dict(image_size=224, num_frames=16),
 }
 # BERT towers (configs/config_bert*.json of the official code). The official fusion model
 # builds `fusion_layers_built` (its json's num_hidden_layers) layers and runs the last
@@ -54,6 +60,8 @@ def model_config(size: str = "tiny", task: str = "videoqa") -> ml_collections.Co
   m = ml_collections.ConfigDict()
   m.size = size
   m.task = task               # which modules are built and run: see models/mplug2.py TASKS
+  m.image_size = INPUT_PRESETS[size]["image_size"]  # square input resolution (pixels)
+  m.num_frames = INPUT_PRESETS[size]["num_frames"]  # frames per video (an image is 1 frame)
   m.dtype = "float32"         # compute dtype; "bfloat16" on accelerators
   m.param_dtype = "float32"   # storage dtype of the parameters
   m.attention = "xla"         # "xla" | "cudnn" (GPU, bf16/fp16) | "auto"
@@ -108,7 +116,9 @@ DEFAULT_RULES = (
     ("norm", None),
     ("position", None),
     ("latents", None),
-    ("conv_kernel", None),
+    ("conv_time", None),
+    ("conv_height", None),
+    ("conv_width", None),
     ("conv_in", None),
     ("classes", None),
 )
@@ -128,6 +138,29 @@ def base_config(size: str = "tiny", task: str = "videoqa") -> ml_collections.Con
   config.sharding_rules = DEFAULT_RULES
   config.seed = 0
   return config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`get_config` argument: "large" or "large,task=caption" or "size=base,mode=local".
+
+  A bare first token sets `size`; `key=value` pairs are typed by the defaults and an
+  unknown key raises, naming it.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for i, token in enumerate(t.strip() for t in (arg or "").split(",") if t.strip()):
+    key, sep, value = token.partition("=")
+    if not sep:
+      if i != 0 or "size" not in defaults:
+        raise ConfigError("arg", arg, f"bare token {token!r}: use key=value")
+      key, value = "size", token
+    if key not in defaults:
+      raise ConfigError("arg", arg, f"unknown key {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      parsed[key] = value.lower() in ("1", "true", "yes")
+    else:
+      parsed[key] = type(default)(value) if default is not None else value
+  return parsed
 
 
 # --------------------------------------------------------------------------------------
@@ -164,18 +197,21 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
          m.num_classes, "the classification task needs num_classes > 0")
 
   v = m.vision
-  for key in ("width", "layers", "patch_size", "image_size", "num_frames", "head_dim"):
+  for key in ("image_size", "num_frames"):
+    _check(isinstance(m[key], int) and m[key] > 0, f"model.{key}", m[key],
+           "must be a positive integer")
+  for key in ("width", "layers", "patch_size", "head_dim"):
     _check(isinstance(v[key], int) and v[key] > 0, f"model.vision.{key}", v[key],
            "must be a positive integer")
   _check(v.width % v.head_dim == 0, "model.vision.width", v.width,
          f"not divisible by model.vision.head_dim={v.head_dim} (heads = width // head_dim)")
-  _check(v.image_size % v.patch_size == 0, "model.vision.image_size", v.image_size,
+  _check(m.image_size % v.patch_size == 0, "model.image_size", m.image_size,
          f"not a multiple of model.vision.patch_size={v.patch_size}")
   _check(not v.temporal_adapter or v.width % 2 == 0, "model.vision.width", v.width,
          "the temporal adapter halves the width: it must be even")
   if v.temporal_downsampling:
-    _check(v.temporal_stride > 0 and v.num_frames % v.temporal_stride == 0,
-           "model.vision.num_frames", v.num_frames,
+    _check(v.temporal_stride > 0 and m.num_frames % v.temporal_stride == 0,
+           "model.num_frames", m.num_frames,
            f"temporal downsampling needs a multiple of model.vision.temporal_stride="
            f"{v.temporal_stride}")
 
@@ -243,4 +279,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   validate_model(config.model)
   validate_rules(config)
   if num_devices is not None:
-    mesh_shape(config, num_devices)
+    shape = dict(zip(config.mesh.axes, mesh_shape(config, num_devices)))
+    batch_ways = shape.get("data", 1) * shape.get("fsdp", 1)
+    if "batch_size" in config:
+      _check(config.batch_size % batch_ways == 0, "batch_size", config.batch_size,
+             f"not divisible by the data x fsdp mesh axes ({batch_ways} ways)")

@@ -61,7 +61,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, config: ml_collections.Con
   """NamedShardings for a tree of (possibly boxed) abstract arrays by the rules."""
   specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(specs, rules(config))
-  values = nn.meta.unbox(abstract_tree)
+  values = unboxed(abstract_tree)
 
   def one(path, spec, value):
     spec, dropped = _fit_spec(spec if spec is not None else P(), value.shape, mesh)
@@ -94,5 +94,11 @@ def abstract_params(model: nn.Module, batch: dict, method: Callable | None = Non
                          method=method)["params"])
 
 
+def unboxed(tree: Any) -> Any:
+  """The values of a tree of boxed (logically partitioned) leaves, without constraints."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def count_params(tree: Any) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(tree)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(unboxed(tree)))

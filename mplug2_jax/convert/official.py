@@ -347,10 +347,10 @@ def model_config_from_official(case: dict) -> ml_collections.ConfigDict:
   yaml, bert, clip = case["config"], case["bert_config"], case["clip_arch"]
   m = config_lib.model_config("tiny", case.get("task", "videoqa"))
   m.vision.update(width=clip["vision_width"], layers=clip["vision_layers"],
-                  patch_size=clip["vision_patch_size"], image_size=yaml["image_res"],
-                  num_frames=yaml["model_num_frames"],
+                  patch_size=clip["vision_patch_size"],
                   temporal_downsampling=bool(yaml.get("temporal_downsampling", False)),
                   temporal_stride=yaml.get("temporal_stride", 2))
+  m.update(image_size=yaml["image_res"], num_frames=yaml["model_num_frames"])
   m.text.update(
       hidden_size=bert["hidden_size"], num_heads=bert["num_attention_heads"],
       intermediate_size=bert["intermediate_size"], vocab_size=bert["vocab_size"],

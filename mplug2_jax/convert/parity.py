@@ -61,7 +61,7 @@ def import_params(model_cfg, state, batch) -> dict:
   """Strict import of the official weights into the model's parameter tree."""
   model = mplug2.build(model_cfg)
   abstract = jax.tree_util.tree_leaves_with_path(
-      sharding.nn.meta.unbox(sharding.abstract_params(model, batch)))
+      sharding.unboxed(sharding.abstract_params(model, batch)))
   expected = {"/".join(p.key for p in path): leaf.shape for path, leaf in abstract}
   flat = official.to_flax(state, model_cfg, expected)
   params: dict = {}

@@ -35,7 +35,9 @@ PARAM_AXES = (
     "norm",         # norm gains / biases
     "position",     # position-embedding rows
     "latents",      # learnable query rows
-    "conv_kernel",  # spatial / temporal kernel taps of a convolution
+    "conv_time",    # temporal kernel taps of a convolution
+    "conv_height",  # spatial kernel taps of a convolution
+    "conv_width",
     "conv_in",      # input channels of the patch convolution
     "classes",      # classifier outputs, ITC projection width
 )

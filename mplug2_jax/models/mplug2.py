@@ -198,8 +198,8 @@ def build(config: ml_collections.ConfigDict, *, deterministic: bool = True,
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 2,
                 text_length: int = 8, answers_per_question: int = 1) -> dict[str, jax.Array]:
   """Zero inputs of the right shapes for `config.model.task` (for init / eval_shape)."""
-  v = config.vision
-  batch = {"video": jnp.zeros((batch_size, v.num_frames, v.image_size, v.image_size, 3),
+  size = config.image_size
+  batch = {"video": jnp.zeros((batch_size, config.num_frames, size, size, 3),
                               jnp.float32)}
   ids = jnp.full((batch_size, text_length), 101, jnp.int32)
   mask = jnp.ones((batch_size, text_length), jnp.int32)

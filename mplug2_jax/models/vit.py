@@ -42,7 +42,7 @@ class LocalTemporal(nn.Module):
     h = layers.Dense(bottleneck, kernel_axes=("embed", "mlp"), dtype=self.dtype,
                      param_dtype=self.param_dtype, name="down")(h)
     kernel = self.param("conv_kernel", layers.param_init(nn.initializers.normal(0.1),
-                                                          ("conv_kernel", "mlp")),
+                                                          ("conv_time", "mlp")),
                         (3, bottleneck), self.param_dtype).astype(self.dtype)
     bias = self.param("conv_bias", layers.param_init(nn.initializers.zeros_init(), ("mlp",)),
                       (bottleneck,), self.param_dtype).astype(self.dtype)
@@ -120,7 +120,7 @@ class VideoEncoder(nn.Module):
                 padding=((t_pad, t_pad), (0, 0), (0, 0)), use_bias=False,
                 kernel_init=layers.param_init(
                     nn.initializers.lecun_normal(),
-                    ("conv_kernel", "conv_kernel", "conv_kernel", "conv_in", "embed")),
+                    ("conv_time", "conv_height", "conv_width", "conv_in", "embed")),
                 name="patch_embed", **kw)(video)  # (B, T', G, G, C)
     frames, grid = x.shape[1], x.shape[2]
     x = x.reshape(batch * frames, grid * grid, width)
@@ -145,9 +145,9 @@ class VideoEncoder(nn.Module):
     return layers.constrain(tokens), aux
 
 
-def num_tokens(cfg: ml_collections.ConfigDict, frames: int) -> int:
-  """Visual token count 1 + T'·G² for `frames` input frames."""
-  grid = cfg.image_size // cfg.patch_size
+def num_tokens(cfg: ml_collections.ConfigDict, image_size: int, frames: int) -> int:
+  """Visual token count 1 + T'·G² for `frames` input frames of `image_size` pixels."""
+  grid = image_size // cfg.patch_size
   if cfg.temporal_downsampling:
     frames = (frames + 2 - 3) // cfg.temporal_stride + 1
   return 1 + frames * grid * grid
