@@ -1,0 +1,60 @@
+"""Input pipelines: ArrayRecord datasets read with Grain, batches with static shapes.
+
+Modules, in the order data flows:
+  sources.py   raw official/public layouts -> records      build.py  CLI building datasets
+  records.py   tfds ArrayRecord builder + Grain source     demo.py   embedded demo dataset
+  media.py     PyAV/Pillow decoding, frame sampler, transforms
+  text.py      official text cleaning, WordPiece, task encodings (spm.py: SentencePiece)
+  pipeline.py  per-task preprocessing, bad-data handling, batching, `make_iterator`
+  benchmark.py clips/s/core
+
+`default_data_config()` lists every `config.data` key the pipeline reads.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """`config.data` with every key the pipeline reads, its default and meaning."""
+  d = ml_collections.ConfigDict()
+  # Sources: built datasets (`python -m mplug2_jax.data.build` / `.demo`) and mixing weights.
+  d.mixture = ()                # ((dataset_dir, weight), ...); weights are normalised
+  d.train_split = "train"       # split name used for training (shuffled, repeated, augmented)
+  d.eval_split = "test"         # any other split is read once, in order, without augmentation
+  d.task = ""                   # "" = model.task; caption | videoqa | retrieval | pretrain |
+                                # grounding | classification | text
+  # Tokenizer.
+  d.tokenizer = "wordpiece"     # "wordpiece" (BERT uncased vocab.txt) | "sentencepiece"
+  d.vocab_file = ""             # vocab.txt, or the .model file for sentencepiece
+  # Video / image.
+  d.num_frames = 0              # 0 = model.vision.num_frames (official: 16 train and test)
+  d.image_size = 0              # 0 = model.vision.image_size (official: 224)
+  d.repeat_images = False       # False: an image is one frame (T=1); True: repeated to
+                                # num_frames (official image-as-video; needed to mix with video)
+  d.randaug = True              # TemporalConsistentRandomAugment(2, 5) (official --no_randaug off)
+  d.crop_scale = (0.5, 1.0)     # RandomResizedCrop scale range
+  # Captioning (spec mplug2.md 6.1; defaults reproduce the official behaviour exactly).
+  d.caption_prompt = "a video of"
+  d.caption_prompt_join = ""    # official: no space ("a video ofa man..."); " " = intended
+  d.caption_off_by_one = True   # official: prompt_length = len([CLS] prompt) - 1
+  d.caption_words = 80          # pre_caption word limit
+  d.max_caption_len = 20        # tokens incl. [CLS]; a long caption loses its [SEP]
+  # Video QA (spec 6.2, 7).
+  d.question_words_train = 30   # pre_question word limits
+  d.question_words_eval = 50
+  d.max_question_len = 50       # tokens (official max_input_length with add_ocr)
+  d.max_answer_len = 10         # tokens of "[CLS] answer [SEP]" (official: not truncated)
+  d.answers_per_question = 1    # static answer rows per question; extra rows weight 0
+  # Retrieval / pre-training / grounding.
+  d.text_words = 30             # pre_caption word limit (image retrieval 30, MSRVTT 40)
+  d.max_text_len = 30           # tokens
+  # Bad data.
+  d.max_bad_fraction = 0.01     # stop when more than this share of samples was bad
+  d.bad_min_samples = 200       # ...counted only after this many samples
+  d.max_replacements = 16       # tries of the following records for a bad one
+  # Performance.
+  d.num_workers = 0             # Grain worker processes (mp_prefetch); 0 = in-process
+  d.per_worker_buffer_size = 2  # batches buffered per worker
+  return d

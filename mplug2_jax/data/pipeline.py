@@ -1,0 +1,455 @@
+"""The Grain input pipeline: records -> per-task examples -> fixed-shape batches.
+
+  source (per split) -> slice by process -> [train: shuffle(seed), repeat] -> mix by weight
+  -> preprocess with bad-sample replacement -> batch(batch_size / process_count)
+  -> to_iter_dataset -> mp_prefetch (decoding runs in the worker processes)
+  -> `DataIterator`: bad-data accounting, checkpointable state, optional global jax.Arrays
+
+Randomness (shuffle order, frame offsets, crops, flips, RandAugment, caption choice) is a
+pure function of (seed, position), so a restored iterator continues with exactly the next
+example. Batch keys per task (all numpy, static shapes; see models/mplug2.py):
+
+  every task    video f32 (B,T,H,W,3) [text task: none], valid i32 (B,) (0 = eval padding /
+                replaced bad sample), question_id i32 (B,)
+  caption       caption_ids, caption_mask, caption_labels i32 (B, max_caption_len)
+  videoqa       text_ids, text_mask (B, max_question_len); answer_ids, answer_mask,
+                answer_labels (B*K, max_answer_len); answer_question_index i32 (B*K,),
+                answer_weights f32 (B*K,), K = answers_per_question
+  retrieval,    text_ids, text_mask (B, max_text_len); image_ids i32 (B,)
+  pretrain
+  grounding     text_ids, text_mask; boxes f32 (B,4) (cx, cy, w, h) / image size; labels
+  classification labels i32 (B,)
+
+Host-only metadata (record ids, gold captions/answers) is kept out of the arrays: after each
+batch it is in `DataIterator.last_meta`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from mplug2_jax.data import media, records
+from mplug2_jax.data import text as text_lib
+from mplug2_jax.data.bad_data import BadDataCounter
+
+REASON_INDEX = {r: i for i, r in enumerate(media.REASONS)}
+_META = "_meta"  # per-example host metadata (dict) -> DataIterator.last_meta
+_BAD = "_bad"    # per-example list of (record, reason, detail) skipped for this example
+TASKS = ("caption", "videoqa", "retrieval", "pretrain", "grounding", "classification", "text")
+
+
+def _as_text(value: Any) -> str:
+  """Stored texts are bytes; a non-UTF-8 one makes the sample bad."""
+  if isinstance(value, str):
+    return value
+  try:
+    return bytes(value).decode("utf-8")
+  except UnicodeDecodeError:
+    raise media.BadSample("bad_text", "text is not UTF-8") from None
+
+
+def make_tokenizer(config_data: ml_collections.ConfigDict):
+  if not config_data.vocab_file:
+    raise ValueError("config.data.vocab_file is empty: give a BERT vocab.txt "
+                     "(or a SentencePiece .model with data.tokenizer='sentencepiece')")
+  if config_data.tokenizer == "sentencepiece":
+    from mplug2_jax.data.spm import SentencePieceTokenizer
+    return SentencePieceTokenizer(config_data.vocab_file)
+  return text_lib.WordPieceTokenizer(config_data.vocab_file)
+
+
+# --------------------------------------------------------------------------------------
+# Per-example preprocessing.
+# --------------------------------------------------------------------------------------
+
+
+class Preprocessor:
+  """record, rng -> example dict for one task. Picklable (sent to Grain workers)."""
+
+  def __init__(self, config_data: ml_collections.ConfigDict, task: str, train: bool,
+               num_frames: int, image_size: int, tokenizer):
+    self.c = ml_collections.FrozenConfigDict(config_data)
+    self.task, self.train = task, train
+    self.num_frames, self.image_size = num_frames, image_size
+    self.tok = tokenizer
+
+  # ---- visual --------------------------------------------------------------------------
+
+  def video(self, record: dict, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decoded, transformed, normalised clip and the decoded (height, width)."""
+    fmt = _as_text(record["media_format"])
+    window = (float(record["start_time"]), float(record["end_time"]))
+    clip = media.decode(record["media"], fmt, self.num_frames,
+                        "rand" if self.train else "middle", rng,
+                        window if window[0] else None)
+    size = clip.shape[1:3]
+    if clip.shape[0] == 1 and self.c.repeat_images:
+      clip = np.repeat(clip, self.num_frames, axis=0)
+    if self.train and self.task != "grounding":
+      clip = media.train_transform(clip, self.image_size, rng, self.c.randaug,
+                                   tuple(self.c.crop_scale))
+    else:
+      # Grounding boxes follow the resize; random crops would need box clipping (not done).
+      clip = media.eval_transform(clip, self.image_size)
+    return media.normalize(clip), size
+
+  # ---- text ----------------------------------------------------------------------------
+
+  def _pick_text(self, record: dict, rng: np.random.Generator) -> str:
+    texts = [_as_text(t) for t in record["texts"]]
+    if not texts:
+      raise media.BadSample("empty_text", "no text")
+    # Several captions: one at random per visit in training (M1 pre-training), else the first.
+    return texts[int(rng.integers(len(texts)))] if self.train and len(texts) > 1 else texts[0]
+
+  def _cleaned(self, fn, text: str, words: int) -> str:
+    out = fn(text, words)
+    if not out.strip():
+      raise media.BadSample("empty_text", repr(text)[:60])
+    return out
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict[str, Any]:
+    c, task = self.c, self.task
+    ex: dict[str, Any] = {}
+    meta = {"id": record["id"], "question_id": int(record["question_id"])}
+    if task != "text":
+      ex["video"], size = self.video(record, rng)
+    if task == "caption":
+      caption = self._cleaned(text_lib.pre_caption, self._pick_text(record, rng), c.caption_words)
+      ex.update(text_lib.encode_caption(
+          self.tok, caption, prompt=c.caption_prompt, prompt_join=c.caption_prompt_join,
+          max_length=c.max_caption_len, off_by_one=c.caption_off_by_one))
+      meta["gold"] = [_as_text(t).lower() for t in record["texts"]]
+    elif task == "videoqa":
+      words = c.question_words_train if self.train else c.question_words_eval
+      question = self._cleaned(text_lib.pre_question, self._pick_text(record, rng), words)
+      ex["text_ids"], ex["text_mask"] = self.tok.encode_padded(question, c.max_question_len)
+      answers = [_as_text(a) for a in record["answers"]]
+      weights = [float(w) for w in record["answer_weights"]]
+      meta["gold"] = answers
+      ex.update(self._answers(answers, weights))
+    elif task in ("retrieval", "pretrain", "grounding", "text"):
+      caption = self._cleaned(text_lib.pre_caption, self._pick_text(record, rng), c.text_words)
+      ex["text_ids"], ex["text_mask"] = self.tok.encode_padded(caption, c.max_text_len)
+      ex["image_ids"] = np.int32(record["group_id"])
+    if task == "grounding":
+      ex["boxes"] = self._box(record, size)
+    if task in ("grounding", "classification"):
+      ex["labels"] = np.int32(record["label"])
+    ex["question_id"] = np.int32(record["question_id"])
+    ex[_META] = meta
+    return ex
+
+  def _answers(self, answers: list[str], weights: list[float]) -> dict[str, np.ndarray]:
+    """K answer rows; more answers keep the K heaviest; missing rows get weight 0.
+
+    Padding rows are "[CLS] [SEP]" with all labels ignored, so that no decoder row is
+    fully masked (which could give NaN attention) and their loss is exactly 0.
+    """
+    k, length = self.c.answers_per_question, self.c.max_answer_len
+    order = sorted(range(len(answers)), key=lambda i: -weights[i])[:k]
+    rows = [text_lib.encode_answer(self.tok, answers[i], length) for i in order]
+    w = [weights[i] for i in order]
+    while len(rows) < k:
+      row = text_lib.encode_answer(self.tok, "", length)
+      row["answer_labels"][:] = text_lib.IGNORE_INDEX
+      rows.append(row)
+      w.append(0.0)
+    out = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+    out["answer_weights"] = np.asarray(w, np.float32)
+    return out
+
+  def _box(self, record: dict, size: tuple[int, int]) -> np.ndarray:
+    """Corner box in pixels -> (cx, cy, w, h) relative to the (stretched) image."""
+    h, w = size
+    x1, y1, x2, y2 = (float(v) for v in record["box"])
+    return np.clip(np.array([(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w,
+                             (y2 - y1) / h], np.float32), 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# Bad-sample replacement and eval padding (index-level datasets).
+# --------------------------------------------------------------------------------------
+
+
+class PreprocessedDataset(grain.MapDataset):
+  """parent[i] preprocessed with rng(seed, i); a bad record is replaced by the next ones.
+
+  The replacement is deterministic (records i+1, i+2, ... of the parent, each with its own
+  rng), so batch shapes hold and a resumed run sees the same samples. In evaluation the
+  replacement keeps the shapes but is marked `valid = 0`, so no metric counts it. Each
+  example carries the list of records skipped for it; `DataIterator` counts them.
+  """
+
+  def __init__(self, parent: grain.MapDataset, fn: Preprocessor, seed: int,
+               max_replacements: int, names: Sequence[str]):
+    super().__init__(parent)
+    self._fn, self._seed, self._max = fn, seed, max_replacements
+    self._names = tuple(names)
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return "PreprocessedDataset"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    skipped = []
+    valid = 1
+    for attempt in range(self._max + 1):
+      item = self._parent[(index + attempt) % len(self._parent)]
+      if item is None:  # eval padding beyond the end of the split
+        item, valid = self._parent[0], 0
+      source, record = item
+      rng = np.random.default_rng([self._seed, index, attempt])
+      try:
+        ex = self._fn(record, rng)
+      except media.BadSample as e:
+        skipped.append((f"{self._names[source]}:{record['id']}", e.reason, e.detail))
+        valid = 0 if not self._fn.train else valid
+        continue
+      if "image_ids" in ex:
+        ex["image_ids"] = _group_id(source, int(ex["image_ids"]), record["id"])
+      ex["valid"] = np.int32(valid)
+      ex[_BAD] = skipped
+      ex[_META]["source"] = self._names[source]
+      return ex
+    raise RuntimeError(f"{self._max + 1} consecutive bad records from position {index}: "
+                       + "; ".join(f"{r} ({why}: {d})" for r, why, d in skipped))
+
+
+def _group_id(source: int, group: int, record_id: str) -> np.int32:
+  """ITC positive-pair id, distinct across mixture sources (24 bits of group per source).
+
+  Records without a group id (-1) use a hash of their id: equal ids are positives.
+  """
+  if group < 0:
+    group = int.from_bytes(hashlib.sha1(record_id.encode()).digest()[:3], "little")
+  return np.int32((source % 127) * (1 << 24) + group % (1 << 24))
+
+
+class PaddedDataset(grain.MapDataset):
+  """Pads to `length` with None (eval: every process yields the same number of batches)."""
+
+  def __init__(self, parent: grain.MapDataset, length: int):
+    super().__init__(parent)
+    self._length = length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return "PaddedDataset"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[index] if index < len(self._parent) else None
+
+
+# --------------------------------------------------------------------------------------
+# Batching.
+# --------------------------------------------------------------------------------------
+
+
+class Collate:
+  """Stacks examples; flattens the answer rows and indexes them to their question."""
+
+  def __init__(self, question_offset: int):
+    self.question_offset = question_offset  # process_index * local batch (global indices)
+
+  def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    keys = [k for k in examples[0] if k not in (_META, _BAD)]
+    shapes = {k: {np.shape(e[k]) for e in examples} for k in keys}
+    for k, s in shapes.items():
+      if len(s) > 1:
+        hint = " (mixing images and videos needs data.repeat_images=True)" if k == "video" else ""
+        raise ValueError(f"examples of one batch have different {k} shapes {sorted(s)}{hint}")
+    batch = {}
+    for k in keys:
+      if k.startswith("answer_"):
+        batch[k] = np.concatenate([e[k] for e in examples])
+      else:
+        batch[k] = np.stack([e[k] for e in examples])
+    if "answer_ids" in batch:
+      k = examples[0]["answer_ids"].shape[0]
+      batch["answer_question_index"] = (np.repeat(np.arange(len(examples)), k)
+                                        + self.question_offset).astype(np.int32)
+    batch[_META] = [e[_META] for e in examples]
+    batch[_BAD] = [b for e in examples for b in e.get(_BAD, ())]
+    return batch
+
+
+# --------------------------------------------------------------------------------------
+# The iterator.
+# --------------------------------------------------------------------------------------
+
+
+class DataIterator:
+  """Yields batches; counts bad samples; `get_state`/`set_state` (JSON) resume exactly.
+
+  With `sharding`, batches are global `jax.Array`s assembled from every process's local
+  batch by `jax.make_array_from_process_local_data` (batch dimension sharded).
+  """
+
+  def __init__(self, dataset: grain.IterDataset, counter: BadDataCounter, sharding=None):
+    self._dataset, self._it = dataset, iter(dataset)
+    self.counter, self.sharding = counter, sharding
+    self.last_meta: list[dict[str, Any]] = []
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    batch = next(self._it)
+    self.last_meta = batch.pop(_META)
+    for rec, reason, detail in batch.pop(_BAD):
+      self.counter.add_bad(rec, reason, detail)
+    self.counter.add_good(len(self.last_meta))
+    self.counter.check()
+    if self.sharding is not None:
+      batch = to_global(batch, self.sharding)
+    return batch
+
+  def metrics(self) -> dict[str, int]:
+    """Bad-sample counts per reason, for logging."""
+    return self.counter.metrics()
+
+  def get_state(self) -> dict[str, Any]:
+    return {"grain": self._it.get_state(), "bad": self.counter.state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._it.set_state(state["grain"])
+    self.counter.set_state(state["bad"])
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close:
+      close()
+
+
+def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """Process-local batch -> global arrays, leading (batch) dimension split over `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def batch_sharding(mesh, config: ml_collections.ConfigDict):
+  """NamedSharding of a batch: dim 0 over the mesh axes of the `activation_batch` rule."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  axes = dict((name, t) for name, t in config.sharding_rules)["activation_batch"]
+  return NamedSharding(mesh, P(tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+
+
+# --------------------------------------------------------------------------------------
+# Entry point.
+# --------------------------------------------------------------------------------------
+
+
+def _stable_seed(seed: int, *parts: Any) -> int:
+  digest = hashlib.sha256(repr((seed,) + parts).encode()).digest()
+  return int.from_bytes(digest[:4], "little")
+
+
+def _ensure_flags_parsed() -> None:
+  """Grain reads absl flags; in programs that never parse them (tests, notebooks)."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_dataset(config_data: ml_collections.ConfigDict, *, split: str, batch_size: int,
+                 model_cfg: ml_collections.ConfigDict, process_index: int = 0,
+                 process_count: int = 1, seed: int = 0) -> grain.IterDataset:
+  """The Grain dataset of local batches (see the module docstring)."""
+  c = config_data
+  train = split == c.train_split
+  task = c.task or model_cfg.task
+  if task not in TASKS:
+    raise ValueError(f"config.data.task={task!r}: must be one of {TASKS}")
+  if batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+  local_batch = batch_size // process_count
+  if not c.mixture:
+    raise ValueError("config.data.mixture is empty: give ((dataset_dir, weight), ...)")
+  paths = [p for p, _ in c.mixture]
+  weights = [float(w) for _, w in c.mixture]
+
+  parts = []
+  for i, path in enumerate(paths):
+    source = records.RecordSource(path, split)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = ds.map(lambda r, i=i: (i, r))  # remember the source for error messages
+    if train:
+      ds = ds.shuffle(seed=_stable_seed(seed, "shuffle", i)).repeat()
+    parts.append(ds)
+  if len(parts) == 1:
+    ds = parts[0]
+  elif train:
+    ds = grain.MapDataset.mix(parts, weights)
+  else:
+    ds = grain.MapDataset.concatenate(parts) if hasattr(grain.MapDataset, "concatenate") \
+        else _concat(parts)
+  if not train:
+    # Same number of batches on every process; padding examples come out with valid = 0.
+    per_process = -(-sum(len(records.RecordSource(p, split)) for p in paths) // process_count)
+    ds = PaddedDataset(ds, -(-per_process // local_batch) * local_batch)
+
+  num_frames = c.num_frames or _model_input(model_cfg, "num_frames")
+  image_size = c.image_size or _model_input(model_cfg, "image_size")
+  fn = Preprocessor(c, task, train, num_frames, image_size, make_tokenizer(c))
+  names = [records.find_dataset(p) for p in paths]
+  ds = PreprocessedDataset(ds, fn, _stable_seed(seed, "augment", process_index),
+                           c.max_replacements, names)
+  ds = ds.batch(local_batch, drop_remainder=train,
+                batch_fn=Collate(process_index * local_batch))
+  ids = ds.to_iter_dataset()
+  if c.num_workers > 0:
+    _ensure_flags_parsed()
+    ids = ids.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=c.num_workers, per_worker_buffer_size=c.per_worker_buffer_size))
+  return ids
+
+
+def _model_input(model_cfg: ml_collections.ConfigDict, key: str) -> int:
+  """`model.<key>`, or `model.vision.<key>` in configs that keep it with the tower."""
+  if key in model_cfg:
+    return int(model_cfg[key])
+  return int(model_cfg.vision[key])
+
+
+def _concat(parts: Sequence[grain.MapDataset]) -> grain.MapDataset:
+  lengths = np.cumsum([len(p) for p in parts])
+
+  def get(i):
+    k = int(np.searchsorted(lengths, i, side="right"))
+    return parts[k][i - (lengths[k - 1] if k else 0)]
+
+  return grain.MapDataset.range(int(lengths[-1])).map(get)
+
+
+def make_iterator(config_data: ml_collections.ConfigDict, *, split: str, batch_size: int,
+                  model_cfg: ml_collections.ConfigDict, process_index: int | None = None,
+                  process_count: int | None = None, seed: int = 0,
+                  sharding=None) -> DataIterator:
+  """The one entry point: a checkpointable iterator of batches for `split`.
+
+  `batch_size` is global; each process yields `batch_size / process_count` examples (or,
+  with `sharding`, global jax.Arrays). `process_index/count` default to JAX's.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  ds = make_dataset(config_data, split=split, batch_size=batch_size, model_cfg=model_cfg,
+                    process_index=process_index, process_count=process_count, seed=seed)
+  counter = BadDataCounter(config_data.max_bad_fraction, config_data.bad_min_samples,
+                           what=f"{split} samples")
+  return DataIterator(ds, counter, sharding)
