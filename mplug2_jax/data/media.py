@@ -25,6 +25,8 @@ VIDEO_FORMATS = ("mp4", "avi", "webm", "mkv", "mov")
 IMAGE_FORMATS = ("jpeg", "jpg", "png", "bmp", "webp")
 
 # Reasons a sample can be bad; counted separately (pipeline and builders).
+DECODE_THREADS = 1  # codec threads per decode (see decode_video)
+
 REASONS = ("missing", "empty", "corrupt", "truncated", "no_frames", "bad_text", "empty_text")
 
 
@@ -161,7 +163,10 @@ def decode_video(data: bytes, num_frames: int, mode: str, rng: np.random.Generat
   container = _open_video(data)
   try:
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    # One decoding thread: Grain runs one worker process per core, and extra codec
+    # threads would only contend with the other workers.
+    stream.thread_type = "SLICE"
+    stream.codec_context.thread_count = DECODE_THREADS
     offset = 0
     if window is not None and window[0]:
       fps = float(stream.average_rate or 0) or 25.0
@@ -202,37 +207,34 @@ def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
                   np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
 
 
-def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out, in) weights of torch `F.interpolate(mode='bicubic', align_corners=False)`.
-
-  Source coordinate (d + 0.5) * in / out - 0.5, Keys kernel a = -0.75, taps clamped to the
-  border; no antialiasing (the torch default).
-  """
-  scale = in_size / out_size
-  src = (np.arange(out_size) + 0.5) * scale - 0.5
+def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Taps (out, 4) and weights (out, 4) of torch `F.interpolate(mode='bicubic',
+  align_corners=False)`: source coordinate (d + 0.5) * in / out - 0.5, Keys kernel
+  a = -0.75, taps clamped to the border, no antialiasing (the torch default)."""
+  src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
   base = np.floor(src)
   t = src - base
-  m = np.zeros((out_size, in_size), np.float64)
-  for k in range(-1, 3):
-    taps = np.clip(base + k, 0, in_size - 1).astype(int)
-    np.add.at(m, (np.arange(out_size), taps), _cubic(t - k))
-  return m.astype(np.float32)
+  offsets = np.arange(-1, 3)
+  taps = np.clip(base[:, None] + offsets, 0, in_size - 1).astype(np.intp)
+  return taps, _cubic(t[:, None] - offsets).astype(np.float32)
 
 
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-  """Source rows of torch `mode='nearest'`: floor(d * in / out)."""
-  return np.minimum(np.floor(np.arange(out_size) * (in_size / out_size)).astype(int),
-                    in_size - 1)
+def _resize_rows(x: np.ndarray, out_size: int) -> np.ndarray:
+  """Resizes axis 2 of (T, C, H, W) with 4 gathered rows per output row (4 MACs/output;
+  rows are contiguous, so each gather is a block copy)."""
+  taps, weights = bicubic_taps(x.shape[2], out_size)
+  out = x[:, :, taps[:, 0]] * weights[:, 0, None]
+  for k in range(1, 4):
+    out += x[:, :, taps[:, k]] * weights[:, k, None]
+  return out
 
 
 def resize_bicubic_trunc(clip: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   """Bicubic resize then `.long()`: truncation toward zero, no clamping -> int32."""
-  mh = bicubic_matrix(clip.shape[1], out_h)
-  mw = bicubic_matrix(clip.shape[2], out_w)
-  x = clip.astype(np.float32)
-  x = np.einsum("oh,thwc->towc", mh, x, optimize=True)
-  x = np.einsum("pw,towc->topc", mw, x, optimize=True)
-  return np.trunc(x).astype(np.int32)
+  x = np.ascontiguousarray(clip.transpose(0, 3, 1, 2), dtype=np.float32)  # (T, C, H, W)
+  x = _resize_rows(x, out_h)
+  x = _resize_rows(np.ascontiguousarray(x.transpose(0, 1, 3, 2)), out_w)  # (T, C, W', H')
+  return np.trunc(x).astype(np.int32).transpose(0, 3, 2, 1)
 
 
 def resize_nearest(clip: np.ndarray, out_h: int, out_w: int) -> np.ndarray:

@@ -1,0 +1,100 @@
+"""Configs load with size args and overrides; bad values fail before compute, naming the key."""
+
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from mplug2_jax import config_lib
+from conftest import REPO
+
+
+def load(*argv):
+  values = flags.FlagValues()
+  # Overrides (--config.a.b=v) are discovered from `sys_argv`, not from the parse call.
+  config_flags.DEFINE_config_file("config", None, flag_values=values,
+                                  sys_argv=["prog", *argv])
+  values(["prog", *argv])
+  return values.config
+
+
+@pytest.mark.parametrize("name", ["caption", "videoqa", "retrieval", "pretrain", "classification"])
+@pytest.mark.parametrize("size", config_lib.SIZES)
+def test_every_config_file_validates(name, size):
+  config = load(f"--config={REPO}/configs/{name}.py:{size}")
+  assert config.model.size == size
+  config_lib.validate(config, num_devices=1)
+
+
+def test_size_arg_and_command_line_override():
+  config = load(f"--config={REPO}/configs/caption.py:large", "--config.model.num_frames=8",
+                "--config.mesh.shape=(2,2,2)")
+  assert config.model.vision.width == 1024 and config.model.text.encoder_layers == 24
+  assert config.model.text.universal_layers == 2 and config.model.text.fusion_layers == 6
+  assert config.model.text.decoder_layers == 12 and config.model.vision.patch_size == 14
+  assert config.model.num_frames == 8 and tuple(config.mesh.shape) == (2, 2, 2)
+  base = load(f"--config={REPO}/configs/videoqa.py:base")
+  assert (base.model.vision.width, base.model.vision.patch_size) == (768, 16)
+  assert (base.model.text.hidden_size, base.model.text.encoder_layers) == (768, 12)
+
+
+def test_unknown_config_arg_names_the_key():
+  with pytest.raises(config_lib.ConfigError, match="unknown key 'frames'"):
+    config_lib.parse_arg("large,frames=3", size="large")
+
+
+def bad(mutate, num_devices=1):
+  config = config_lib.base_config("tiny", "videoqa")
+  config.batch_size = 8
+  mutate(config)
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config, num_devices)
+  return str(error.value)
+
+
+@pytest.mark.parametrize("mutate,key", [
+    (lambda c: c.model.text.update(num_heads=5), "model.text.hidden_size"),
+    (lambda c: c.model.vision.update(width=96), "model.vision.width"),
+    (lambda c: c.model.update(image_size=30), "model.image_size"),
+    (lambda c: c.model.vision.update(temporal_downsampling=True) or c.model.update(num_frames=3),
+     "model.num_frames"),
+    (lambda c: c.model.text.update(universal_layers=5), "model.text.universal_layers"),
+    (lambda c: c.model.update(task="segmentation"), "model.task"),
+    (lambda c: c.model.update(attention="flash3"), "model.attention"),
+    (lambda c: c.model.update(remat_policy="sometimes"), "model.remat_policy"),
+    (lambda c: c.model.update(dtype="float8"), "model.dtype"),
+    (lambda c: c.model.text.update(dropout=1.5), "model.text.dropout"),
+    (lambda c: c.update(sharding_rules=c.sharding_rules + (("widths", "fsdp"),)),
+     f"sharding_rules[{len(config_lib.DEFAULT_RULES)}]"),
+    (lambda c: c.update(sharding_rules=(("embed", "model"),) + c.sharding_rules[1:]),
+     "sharding_rules[0]"),
+    (lambda c: c.update(sharding_rules=c.sharding_rules[:-1]), "sharding_rules"),
+])
+def test_bad_model_values_name_their_key(mutate, key):
+  message = bad(mutate)
+  assert message.startswith(f"config.{key}="), message
+
+
+def test_mesh_must_multiply_to_device_count():
+  message = bad(lambda c: c.mesh.update(shape=(2, 2, 1)), num_devices=8)
+  assert message.startswith("config.mesh.shape=") and "multiplies to 4" in message
+  message = bad(lambda c: c.mesh.update(shape=(3, -1, 1)), num_devices=8)
+  assert message.startswith("config.mesh.shape=")
+  assert config_lib.mesh_shape(config_lib.base_config(), 8) == (1, 8, 1)
+
+
+def test_batch_must_divide_over_data_axes():
+  message = bad(lambda c: c.update(batch_size=6), num_devices=8)
+  assert message.startswith("config.batch_size=6")
+
+
+def test_bad_config_fails_before_any_compute():
+  """The entry point validates first: the error names the key and no compile starts."""
+  result = subprocess.run(
+      [sys.executable, "-m", "mplug2_jax.benchmark", f"--config={REPO}/configs/caption.py:tiny",
+       "--config.model.text.num_heads=5"], capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "config.model.text.hidden_size=32: not divisible by model.text.num_heads=5" in result.stderr
+  assert "compiled" not in result.stdout and "params" not in result.stdout
