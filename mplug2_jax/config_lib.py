@@ -49,6 +49,15 @@ TEXT_PRESETS = {
                   decoder_layers=12),
 }
 SIZES = tuple(VISION_PRESETS)
+# What the official CLIP checkpoint adds beyond the vision tower (the unused CLIP text
+# tower and projection). Only checkpoint export reads these, to write every official key.
+OFFICIAL_CLIP_EXTRAS = {
+    "tiny": dict(embed_dim=32, context_length=4, vocab_size=8, text_width=64, text_layers=1),
+    "base": dict(embed_dim=512, context_length=77, vocab_size=49408, text_width=512,
+                 text_layers=12),   # ViT-B-16.tar
+    "large": dict(embed_dim=768, context_length=77, vocab_size=49408, text_width=768,
+                  text_layers=12),  # ViT-L-14.tar
+}
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -88,6 +97,10 @@ def model_config(size: str = "tiny", task: str = "videoqa") -> ml_collections.Co
       dropout=0.1,             # hidden dropout (BERT); only active when training
       attention_dropout=0.1,   # attention-probability dropout; only active when training
       **TEXT_PRESETS[size]))
+  # Official-checkpoint metadata (export only): CLIP extras, and whether the VideoQA
+  # checkpoint carries the `*_m` momentum copies (`distill: true` in the released YAMLs).
+  m.official = ml_collections.ConfigDict(dict(distill=task == "videoqa",
+                                              **OFFICIAL_CLIP_EXTRAS[size]))
   return m
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Callable, Sequence
 
 import ml_collections
@@ -362,7 +363,103 @@ def model_config_from_official(case: dict) -> ml_collections.ConfigDict:
       fusion_stride=bert["stride_layer"], decoder_layers=bert["text_decode_layers"],
       dropout=bert.get("hidden_dropout_prob", 0.1),
       attention_dropout=bert.get("attention_probs_dropout_prob", 0.1))
+  m.official.update(distill=bool(yaml.get("distill", False)), embed_dim=clip["embed_dim"],
+                    context_length=clip["context_length"], vocab_size=clip["vocab_size"],
+                    text_width=clip["transformer_width"], text_layers=clip["transformer_layers"])
   if m.vision.width != yaml.get("vision_width", m.vision.width):
     raise ConversionError(f"config.vision_width={yaml['vision_width']} but the CLIP "
                           f"architecture has width {m.vision.width}")
   return m
+
+
+# ---- resolution change and complete export ------------------------------------------------
+
+
+def resize_positional_embedding(table: np.ndarray, grid: int) -> np.ndarray:
+  """(1 + g², C) -> (1 + grid², C): bilinear on the patch grid, class entry kept.
+
+  Same arithmetic as `F.interpolate(mode="bilinear", align_corners=False)` that the
+  official loader uses (`models/vit.py:208-225`): half-pixel centres, source clamped at 0.
+  """
+  cls, patches = table[:1], table[1:]
+  old = int(round(np.sqrt(patches.shape[0])))
+  if old * old != patches.shape[0]:
+    raise ConversionError(f"positional embedding with {patches.shape[0]} patch rows is not a "
+                          f"square grid")
+  if old == grid:
+    return table
+
+  def weights(n_in: int, n_out: int) -> np.ndarray:
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    w = np.zeros((n_out, n_in), np.float64)
+    w[np.arange(n_out), lo] += 1 - frac
+    w[np.arange(n_out), hi] += frac
+    return w
+
+  w = weights(old, grid)
+  image = patches.reshape(old, old, -1).astype(np.float64)
+  resized = np.einsum("ai,bj,ijc->abc", w, w, image).reshape(grid * grid, -1)
+  return np.concatenate([cls, resized.astype(table.dtype)], axis=0)
+
+
+class AdaptedStateDict(Mapping):
+  """An official state dict seen at the model's resolution (positional table resized)."""
+
+  KEY = "visual_encoder.visual.positional_embedding"
+
+  def __init__(self, state: Mapping, m: ml_collections.ConfigDict):
+    self.state, self.grid = state, m.image_size // m.vision.patch_size
+    self.resized_from = None
+
+  def __getitem__(self, key):
+    value = self.state[key]
+    if key == self.KEY and value.shape[0] != 1 + self.grid * self.grid:
+      self.resized_from = value.shape
+      value = resize_positional_embedding(np.asarray(value), self.grid)
+    return value
+
+  def __iter__(self):
+    return iter(self.state)
+
+  def __len__(self):
+    return len(self.state)
+
+
+def export_state(flat: dict[str, np.ndarray], m: ml_collections.ConfigDict,
+                 reference: Mapping | None = None) -> tuple[dict[str, np.ndarray], dict]:
+  """Our parameters -> every key of the official task model (strict-loadable).
+
+  Keys our model holds are converted; the keys the official model builds but never runs
+  come from `reference` (an official checkpoint) when given; otherwise momentum copies
+  (`*_m`) copy their main weights, position-id buffers are `arange`, and the remaining
+  never-used tensors are zeros. Returns the state dict and counts of each source.
+  """
+  from mplug2_jax.convert import layout
+
+  ours = to_official(flat, m)
+  full = layout.official_layout(m)
+  out, counts = {}, {"converted": 0, "reference": 0, "momentum_copy": 0, "buffer": 0, "zeros": 0}
+  for key, (shape, dtype) in full.items():
+    main = re.sub(r"^([a-z_]+?)_m\.", r"\1.", key)
+    if key in ours:
+      value, source = ours[key], "converted"
+    elif reference is not None and key in reference:
+      value, source = np.asarray(reference[key]), "reference"
+      if tuple(value.shape) != tuple(shape):
+        raise ConversionError(f"reference key {key!r} has shape {tuple(value.shape)}, the "
+                              f"official model needs {tuple(shape)}")
+    elif key.endswith(".position_ids"):
+      value, source = np.arange(shape[-1], dtype=np.int64).reshape(shape), "buffer"
+    elif main != key and main in ours:
+      value, source = ours[main], "momentum_copy"
+    else:
+      value, source = np.zeros(shape, dtype), "zeros"
+    if tuple(value.shape) != tuple(shape):
+      raise ConversionError(f"export of {key!r}: shape {tuple(value.shape)} but the official "
+                            f"model has {tuple(shape)}")
+    out[key] = value
+    counts[source] += 1
+  return out, counts

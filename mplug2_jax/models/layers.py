@@ -6,7 +6,7 @@ pieces in this file, so that there is exactly one attention, one MLP and one nor
 
 Conventions:
   * Every parameter carries logical axis names (`nn.with_logical_partitioning`); the
-    single rules table in `mplug2_jax/sharding.py` maps them onto mesh axes.
+    single rules table in `mplug2_jax/config_lib.py` maps them onto mesh axes.
   * Activations are constrained at block boundaries with logical names
     (`activation_batch`, `activation_length`, `activation_embed`).
   * `dtype` is the compute dtype, `param_dtype` the storage dtype of the parameters.
@@ -64,7 +64,13 @@ def param_init(init: Callable, axes: Sequence[str]) -> Callable:
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
-default_kernel_init = nn.initializers.normal(stddev=0.02)
+default_kernel_init = nn.initializers.normal(stddev=0.02)  # BERT / HF initializer_range
+
+
+def torch_default_init(fan_in: int) -> Callable:
+  """PyTorch's default Linear/Conv init for weights and biases: U(-1/sqrt(fan_in), +)."""
+  bound = fan_in ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 # --------------------------------------------------------------------------------------
@@ -86,6 +92,7 @@ class Dense(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
   kernel_init: Callable = default_kernel_init
+  bias_init: Callable = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -95,8 +102,7 @@ class Dense(nn.Module):
                         in_shape + features, self.param_dtype)
     y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_dims)
     if self.use_bias:
-      bias = self.param("bias", param_init(nn.initializers.zeros_init(),
-                                           self.kernel_axes[-len(features):]),
+      bias = self.param("bias", param_init(self.bias_init, self.kernel_axes[-len(features):]),
                         features, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y

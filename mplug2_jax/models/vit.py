@@ -27,7 +27,8 @@ class LocalTemporal(nn.Module):
   """Bottleneck adapter with a depthwise 3-tap convolution along time.
 
   LN -> down (C -> C/2) -> depthwise temporal conv (zero padded) -> QuickGELU -> up.
-  `up` is zero-initialised, so a fresh module is an identity residual.
+  Initialised as the official module: PyTorch's default conv init, except `up`, which is
+  zero, so a fresh module is an identity residual.
   """
 
   width: int
@@ -39,12 +40,14 @@ class LocalTemporal(nn.Module):
   def __call__(self, x: Array) -> Array:  # x: (B, T, P, C)
     bottleneck = self.width // 2
     h = layers.Norm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+    down_init = layers.torch_default_init(self.width)
     h = layers.Dense(bottleneck, kernel_axes=("embed", "mlp"), dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="down")(h)
-    kernel = self.param("conv_kernel", layers.param_init(nn.initializers.normal(0.1),
-                                                          ("conv_time", "mlp")),
+                     param_dtype=self.param_dtype, kernel_init=down_init, bias_init=down_init,
+                     name="down")(h)
+    conv_init = layers.torch_default_init(3)  # depthwise: fan_in = 1 channel x 3 taps
+    kernel = self.param("conv_kernel", layers.param_init(conv_init, ("conv_time", "mlp")),
                         (3, bottleneck), self.param_dtype).astype(self.dtype)
-    bias = self.param("conv_bias", layers.param_init(nn.initializers.zeros_init(), ("mlp",)),
+    bias = self.param("conv_bias", layers.param_init(conv_init, ("mlp",)),
                       (bottleneck,), self.param_dtype).astype(self.dtype)
     padded = jnp.pad(h, ((0, 0), (1, 1), (0, 0), (0, 0)))
     frames = h.shape[1]
