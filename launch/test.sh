@@ -3,5 +3,5 @@
 #   bash launch/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh test
+bash launch/setup.sh test,torch
 exec .venv/bin/python -m pytest tests -q -n 2 --durations=10 "$@"

@@ -27,18 +27,20 @@ import numpy as np
 
 from mplug2_jax.convert import official
 
+# HF CLIP vision keys (after dropping a leading "vision_model.", which transformers 4
+# writes and 5 does not for CLIPVisionModel) -> OpenAI keys.
 HF_CLIP_RENAMES = (
-    (r"^vision_model\.embeddings\.class_embedding$", "visual.class_embedding"),
-    (r"^vision_model\.embeddings\.patch_embedding\.weight$", "visual.conv1.weight"),
-    (r"^vision_model\.embeddings\.position_embedding\.weight$", "visual.positional_embedding"),
-    (r"^vision_model\.pre_layrnorm\.", "visual.ln_pre."),
-    (r"^vision_model\.post_layernorm\.", "visual.ln_post."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.",
+    (r"^embeddings\.class_embedding$", "visual.class_embedding"),
+    (r"^embeddings\.patch_embedding\.weight$", "visual.conv1.weight"),
+    (r"^embeddings\.position_embedding\.weight$", "visual.positional_embedding"),
+    (r"^pre_layrnorm\.", "visual.ln_pre."),
+    (r"^post_layernorm\.", "visual.ln_post."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.",
      r"visual.transformer.resblocks.\1.attn.out_proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual.transformer.resblocks.\1.ln_1."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual.transformer.resblocks.\1.ln_2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.fc1\.", r"visual.transformer.resblocks.\1.mlp.c_fc."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.fc2\.", r"visual.transformer.resblocks.\1.mlp.c_proj."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"visual.transformer.resblocks.\1.ln_1."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"visual.transformer.resblocks.\1.ln_2."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.fc1\.", r"visual.transformer.resblocks.\1.mlp.c_fc."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.fc2\.", r"visual.transformer.resblocks.\1.mlp.c_proj."),
 )
 
 
@@ -49,15 +51,14 @@ def clip_to_openai(state: Mapping) -> dict[str, np.ndarray]:
     return out
   qkv: dict[str, dict[str, np.ndarray]] = {}
   for key in state:
-    if not key.startswith("vision_model."):
-      continue
-    match = re.match(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", key)
+    short = key[len("vision_model."):] if key.startswith("vision_model.") else key
+    match = re.match(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", short)
     if match:
       qkv.setdefault(f"{match.group(1)}.{match.group(3)}", {})[match.group(2)] = np.asarray(state[key])
       continue
     for pattern, repl in HF_CLIP_RENAMES:
-      if re.search(pattern, key):
-        out[re.sub(pattern, repl, key)] = np.asarray(state[key])
+      if re.search(pattern, short):
+        out[re.sub(pattern, repl, short)] = np.asarray(state[key])
         break
   for layer_param, parts in qkv.items():
     layer, param = layer_param.split(".")
@@ -65,8 +66,8 @@ def clip_to_openai(state: Mapping) -> dict[str, np.ndarray]:
     out[f"visual.transformer.resblocks.{layer}.attn.{name}"] = np.concatenate(
         [parts["q"], parts["k"], parts["v"]])
   if not out:
-    raise official.ConversionError("no CLIP vision keys found (expected 'visual.*' or "
-                                   "'vision_model.*')")
+    raise official.ConversionError("no CLIP vision keys found (expected OpenAI 'visual.*' "
+                                   "or HF CLIPVisionModel keys)")
   return out
 
 

@@ -88,9 +88,11 @@ def beam_search(decode_fn: DecodeFn, encoder_states: jax.Array, encoder_mask: ja
 
 
 def rank_answers(decode_fn: DecodeFn, encoder_states: jax.Array, encoder_mask: jax.Array,
-                 answer_ids: jax.Array, answer_mask: jax.Array, k: int):
+                 answer_ids: jax.Array, answer_mask: jax.Array, k: int,
+                 count_first_token_twice: bool = True):
   """Official `rank_answer`: first-token shortlist of k candidates, then re-rank by
-  log p(first token) + log p(whole answer) (the first token counted twice, as upstream).
+  log p(first token) + log p(whole answer). The official score counts the first token
+  twice (spec 6.2); `count_first_token_twice=False` scores by log p(whole answer) alone.
 
   Returns (ids (B, k) into the answer list, probabilities (B, k)), best first.
   """
@@ -105,7 +107,8 @@ def rank_answers(decode_fn: DecodeFn, encoder_states: jax.Array, encoder_mask: j
   cand_logits = decode_fn(cand_ids, cand_mask, jnp.repeat(encoder_states, k, axis=0),
                           jnp.repeat(encoder_mask, k, axis=0))
   seq_loss = losses.answer_sequence_losses(cand_logits, labels).reshape(batch, k)
-  probs = jax.nn.softmax(jnp.log(top_probs) - seq_loss, axis=-1)
+  scores = -seq_loss + (jnp.log(top_probs) if count_first_token_twice else 0.0)
+  probs = jax.nn.softmax(scores, axis=-1)
   probs, order = jax.lax.top_k(probs, k)
   return jnp.take_along_axis(top_ids, order, axis=1), probs
 
@@ -141,8 +144,8 @@ def golden_outputs(case: dict, model_cfg, params, batch, inputs) -> dict[str, np
     out[f"generate_{name}_lengths"] = np.asarray(result.lengths)
     out[f"generate_{name}_scores"] = np.asarray(result.scores)
   if case["task"] != "caption":
-    ids, probs = jax.jit(rank_answers, static_argnums=(0, 5))(
+    ids, probs = jax.jit(rank_answers, static_argnums=(0, 5, 6))(
         decode_fn, states, states_mask, jnp.asarray(inputs["answer_list_input_ids"], jnp.int32),
-        jnp.asarray(inputs["answer_list_attention_mask"], jnp.int32), int(inputs["rank_k"]))
+        jnp.asarray(inputs["answer_list_attention_mask"], jnp.int32), int(inputs["rank_k"]), True)
     out["rank_topk_ids"], out["rank_topk_probs"] = np.asarray(ids), np.asarray(probs)
   return out
