@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "safetensors>=0.4",
     "tokenizers>=0.19",
+    "av>=12",          # PyAV: video decoding in the input pipeline
+    "Pillow>=10",      # images, GIFs, RandAugment geometry
 ]
 
 EXTRAS = {

@@ -29,8 +29,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.tokenizer = "wordpiece"     # "wordpiece" (BERT uncased vocab.txt) | "sentencepiece"
   d.vocab_file = ""             # vocab.txt, or the .model file for sentencepiece
   # Video / image.
-  d.num_frames = 0              # 0 = model.vision.num_frames (official: 16 train and test)
-  d.image_size = 0              # 0 = model.vision.image_size (official: 224)
+  d.num_frames = 0              # 0 = model.num_frames (official: 16 train and test)
+  d.image_size = 0              # 0 = model.image_size (official: 224)
   d.repeat_images = False       # False: an image is one frame (T=1); True: repeated to
                                 # num_frames (official image-as-video; needed to mix with video)
   d.randaug = True              # TemporalConsistentRandomAugment(2, 5) (official --no_randaug off)

@@ -42,8 +42,13 @@ IMAGE_TEMPLATES = ("a {c} {s}", "a picture of a {c} {s}", "a {c} {s} on a dark b
 # --------------------------------------------------------------------------------------
 
 
-def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 18) -> bytes:
-  """uint8 (T, H, W, 3) -> H.264 mp4 bytes (yuv420p; H and W must be even)."""
+def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 18,
+               deterministic: bool = True) -> bytes:
+  """uint8 (T, H, W, 3) -> H.264 mp4 bytes (yuv420p; H and W must be even).
+
+  `deterministic`: x264 without its assembly kernels, which were seen to give different
+  bytes from run to run on small frames (they read uninitialised memory); slower.
+  """
   import av
 
   buf = io.BytesIO()
@@ -51,15 +56,34 @@ def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 18) -> bytes:
     stream = container.add_stream("libx264", rate=fps)
     stream.width, stream.height = frames.shape[2], frames.shape[1]
     stream.pix_fmt = "yuv420p"
-    # One thread: x264's output then depends only on the input (deterministic demo).
-    stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+    # One thread, so that the output does not depend on thread scheduling.
+    options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+    if deterministic:
+      options["x264-params"] = "asm=0"
+    stream.options = options
     stream.codec_context.thread_count = 1
-    for f in frames:
-      for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+    for t, f in enumerate(frames):
+      # RGB -> YUV in numpy: exact and independent of swscale's CPU-specific paths.
+      frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(f), format="yuv420p")
+      frame.pts = t
+      for packet in stream.encode(frame):
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)
   return buf.getvalue()
+
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, 3) -> planar I420 (H * 3 / 2, W), BT.601 limited range (swscale default)."""
+  x = rgb.astype(np.float32)
+  r, g, b = x[..., 0], x[..., 1], x[..., 2]
+  y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+  cb = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+  cr = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+  h, w = rgb.shape[:2]
+  sub = lambda c: c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).reshape(h // 4, w)
+  planes = [y, sub(cb), sub(cr)]
+  return np.concatenate([np.clip(np.round(p), 0, 255).astype(np.uint8) for p in planes])
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 92) -> bytes:

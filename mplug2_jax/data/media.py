@@ -237,6 +237,12 @@ def resize_bicubic_trunc(clip: np.ndarray, out_h: int, out_w: int) -> np.ndarray
   return np.trunc(x).astype(np.int32).transpose(0, 3, 2, 1)
 
 
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source rows of torch `mode='nearest'`: floor(d * in / out)."""
+  return np.minimum(np.floor(np.arange(out_size) * (in_size / out_size)).astype(int),
+                    in_size - 1)
+
+
 def resize_nearest(clip: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   return clip[:, nearest_indices(clip.shape[1], out_h)][:, :, nearest_indices(clip.shape[2], out_w)]
 

@@ -202,7 +202,7 @@ class PreprocessedDataset(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    skipped = []
+    skipped, tried = [], []
     valid = 1
     for attempt in range(self._max + 1):
       item = self._parent[(index + attempt) % len(self._parent)]
@@ -213,7 +213,12 @@ class PreprocessedDataset(grain.MapDataset):
       try:
         ex = self._fn(record, rng)
       except media.BadSample as e:
-        skipped.append((f"{self._names[source]}:{record['id']}", e.reason, e.detail))
+        bad = (f"{self._names[source]}:{record['id']}", e.reason, e.detail)
+        tried.append(bad)
+        # Only the record at this position is counted here; a bad replacement candidate
+        # is counted once, at its own position.
+        if attempt == 0:
+          skipped.append(bad)
         valid = 0 if not self._fn.train else valid
         continue
       if "image_ids" in ex:
@@ -223,7 +228,7 @@ class PreprocessedDataset(grain.MapDataset):
       ex[_META]["source"] = self._names[source]
       return ex
     raise RuntimeError(f"{self._max + 1} consecutive bad records from position {index}: "
-                       + "; ".join(f"{r} ({why}: {d})" for r, why, d in skipped))
+                       + "; ".join(f"{r} ({why}: {d})" for r, why, d in tried))
 
 
 def _group_id(source: int, group: int, record_id: str) -> np.int32:
@@ -421,10 +426,8 @@ def make_dataset(config_data: ml_collections.ConfigDict, *, split: str, batch_si
 
 
 def _model_input(model_cfg: ml_collections.ConfigDict, key: str) -> int:
-  """`model.<key>`, or `model.vision.<key>` in configs that keep it with the tower."""
-  if key in model_cfg:
-    return int(model_cfg[key])
-  return int(model_cfg.vision[key])
+  """`model.num_frames` / `model.image_size`: the model's input shape."""
+  return int(model_cfg[key])
 
 
 def _concat(parts: Sequence[grain.MapDataset]) -> grain.MapDataset:

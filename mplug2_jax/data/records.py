@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -152,6 +153,7 @@ class RecordSource:
     self.path, self.split = find_dataset(path), split
     self._reader = None
     self._features = None
+    self._lock = threading.Lock()
     info = self._info()
     if split not in info.splits:
       raise KeyError(f"{self.path} has splits {list(info.splits)}, not {split!r}")
@@ -177,8 +179,10 @@ class RecordSource:
   def _open(self):
     from grain.sources import ArrayRecordDataSource
 
-    self._reader = ArrayRecordDataSource(self._files)
-    self._features = self._info().features
+    with self._lock:  # Grain may read from several threads
+      if self._reader is None:
+        self._features = self._info().features
+        self._reader = ArrayRecordDataSource(self._files)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     if self._reader is None:
