@@ -14,7 +14,7 @@ and shared by its K beams.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,26 +40,77 @@ def length_penalty(step) -> jax.Array:
   return ((5.0 + step + 1.0) / 6.0) ** LENGTH_PENALTY_ALPHA
 
 
+# step_fn(carry, seqs (B*K, max_length + 1), step) -> (logits (B*K, V) for position `step`,
+# carry); reorder_fn(carry, rows (B*K,)) -> carry with its rows gathered (beam reordering).
+StepFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+ReorderFn = Callable[[Any, jax.Array], Any]
+
+
 def beam_search(decode_fn: DecodeFn, encoder_states: jax.Array, encoder_mask: jax.Array, *,
                 beam_size: int, min_length: int, max_length: int) -> Generated:
-  """Official beam search (beam_size 1 = the official greedy decoding)."""
-  batch, k, total = encoder_states.shape[0], beam_size, max_length + 1
+  """Official beam search, re-reading the whole prefix each step as the official code
+  does (beam_size 1 = the official greedy decoding)."""
+  k, total = beam_size, max_length + 1
   states = jnp.repeat(encoder_states, k, axis=0)  # sample-major, like the official tile
   states_mask = jnp.repeat(encoder_mask, k, axis=0)
-  seqs = jnp.zeros((batch, k, total), jnp.int32).at[:, :, 0].set(CLS)
+  ones = jnp.ones((states.shape[0], total), jnp.int32)
+
+  def step_fn(carry, seqs, step):
+    logits = decode_fn(seqs, ones, states, states_mask)
+    return jnp.take(logits, step, axis=1), carry
+
+  return search(step_fn, lambda carry, rows: carry, None, encoder_states.shape[0],
+                beam_size=beam_size, min_length=min_length, max_length=max_length)
+
+
+def beam_search_cached(model, params, encoder_states: jax.Array, encoder_mask: jax.Array, *,
+                       beam_size: int, min_length: int, max_length: int) -> Generated:
+  """The same search with key/value caches: one decoder position per step, and the
+  encoder keys/values projected once per sample (not per beam step). `model` is built with
+  `use_cache=True`."""
+  from mplug2_jax.models import mplug2
+
+  k, total = beam_size, max_length + 1
+  rows = encoder_states.shape[0] * k
+  states = jnp.repeat(encoder_states, k, axis=0)
+  states_mask = jnp.repeat(encoder_mask, k, axis=0)
+  ones = jnp.ones((rows, total), jnp.int32)
+  _, variables = model.apply({"params": params}, ones, ones, states, states_mask,
+                             method=mplug2.Mplug2.decode, mutable=["cache"])
+  one = jnp.ones((rows, 1), jnp.int32)
+
+  def step_fn(cache, seqs, step):
+    token = jax.lax.dynamic_slice_in_dim(seqs, step, 1, axis=1)
+    positions = jnp.full((rows, 1), step, jnp.int32)
+    (logits, _), variables = model.apply(
+        {"params": params, "cache": cache}, token, one, states, states_mask, positions,
+        method=mplug2.Mplug2.decode, mutable=["cache"])
+    return logits[:, 0], variables["cache"]
+
+  def reorder(cache, origin_rows):
+    # Stacked layer caches are (layers, rows, ...); the write index (layers,) is shared.
+    return jax.tree.map(lambda c: jnp.take(c, origin_rows, axis=1) if c.ndim > 1 else c, cache)
+
+  return search(step_fn, reorder, variables["cache"], encoder_states.shape[0],
+                beam_size=beam_size, min_length=min_length, max_length=max_length)
+
+
+def search(step_fn: StepFn, reorder_fn: ReorderFn, carry: Any, batch: int, *, beam_size: int,
+           min_length: int, max_length: int, bos_id: int = CLS, eos_id: int = SEP) -> Generated:
+  """The official beam-search bookkeeping over any decoder step (spec section 9)."""
+  k, total = beam_size, max_length + 1
+  seqs = jnp.zeros((batch, k, total), jnp.int32).at[:, :, 0].set(bos_id)
   cum = jnp.full((batch, k), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
-  init = dict(seqs=seqs, cum=cum, ended=jnp.zeros((batch,), bool),
+  init = dict(seqs=seqs, cum=cum, carry=carry, ended=jnp.zeros((batch,), bool),
               best_score=jnp.full((batch,), -jnp.inf, jnp.float32),
               best_seq=jnp.zeros((batch, total), jnp.int32),
               best_len=jnp.zeros((batch,), jnp.int32), has_best=jnp.zeros((batch,), bool))
-  ones = jnp.ones((batch * k, total), jnp.int32)
 
-  def step_fn(step, s):
-    logits = decode_fn(s["seqs"].reshape(batch * k, total), ones, states, states_mask)
-    logits = jnp.take(logits, step, axis=1).astype(jnp.float32)  # position `step`
-    log_probs = jnp.log(jax.nn.softmax(logits, axis=-1)).reshape(batch, k, -1)
+  def step_body(step, s):
+    logits, carry = step_fn(s["carry"], s["seqs"].reshape(batch * k, total), step)
+    log_probs = jnp.log(jax.nn.softmax(logits.astype(jnp.float32), axis=-1)).reshape(batch, k, -1)
     vocab = log_probs.shape[-1]
-    log_probs = jnp.where((step < min_length) & (jnp.arange(vocab) == SEP),
+    log_probs = jnp.where((step < min_length) & (jnp.arange(vocab) == eos_id),
                           MIN_LENGTH_PENALTY, log_probs)
     lp = length_penalty(step)
     scores = ((s["cum"][:, :, None] + log_probs) / lp).reshape(batch, k * vocab)
@@ -67,22 +118,26 @@ def beam_search(decode_fn: DecodeFn, encoder_states: jax.Array, encoder_mask: ja
     origin, token = top_ids // vocab, (top_ids % vocab).astype(jnp.int32)
     seqs = jnp.take_along_axis(s["seqs"], origin[:, :, None], axis=1)
     seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], step + 1, axis=2)
-    finished = (token == SEP) | (step == max_length - 1)
+    carry = reorder_fn(carry, (origin + jnp.arange(batch)[:, None] * k).reshape(-1))
+    finished = (token == eos_id) | (step == max_length - 1)
     sample_ends = finished[:, 0] & ~s["ended"]
     record = (finished | sample_ends[:, None]) & ~s["ended"][:, None]
 
-    best_score, best_seq, best_len, has_best = (s["best_score"], s["best_seq"], s["best_len"],
-                                                s["has_best"])
-    for j in range(k):  # candidates are appended in top-k order
-      better = record[:, j] & (~has_best | (top_scores[:, j] > best_score))
-      best_score = jnp.where(better, top_scores[:, j], best_score)
-      best_seq = jnp.where(better[:, None], seqs[:, j], best_seq)
-      best_len = jnp.where(better, step + 2, best_len)
-      has_best = has_best | better
-    return dict(seqs=seqs, cum=top_scores * lp, ended=s["ended"] | sample_ends,
+    # Candidates are appended in top-k order, i.e. by descending score: the first recorded
+    # one is this step's best, and earlier hypotheses win ties (stable sort).
+    first = jnp.argmax(record, axis=1)
+    score = jnp.take_along_axis(top_scores, first[:, None], axis=1)[:, 0]
+    better = record.any(axis=1) & (~s["has_best"] | (score > s["best_score"]))
+    best_score = jnp.where(better, score, s["best_score"])
+    best_seq = jnp.where(better[:, None],
+                         jnp.take_along_axis(seqs, first[:, None, None], axis=1)[:, 0],
+                         s["best_seq"])
+    best_len = jnp.where(better, step + 2, s["best_len"])
+    has_best = s["has_best"] | better
+    return dict(seqs=seqs, cum=top_scores * lp, carry=carry, ended=s["ended"] | sample_ends,
                 best_score=best_score, best_seq=best_seq, best_len=best_len, has_best=has_best)
 
-  s = jax.lax.fori_loop(0, max_length, step_fn, init)
+  s = jax.lax.fori_loop(0, max_length, step_body, init)
   keep = jnp.arange(total)[None] < s["best_len"][:, None]
   return Generated(jnp.where(keep, s["best_seq"], PAD), s["best_len"], s["best_score"])
 

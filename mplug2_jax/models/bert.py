@@ -72,6 +72,7 @@ class BertLayer(nn.Module):
   cfg: ml_collections.ConfigDict  # config.model.text
   attention: str = "xla"
   deterministic: bool = True
+  decode: bool = False  # incremental decoding with key/value caches (decoder only)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -89,10 +90,11 @@ class BertLayer(nn.Module):
     attn = functools.partial(layers.MultiHeadAttention, cfg.num_heads, width // cfg.num_heads,
                              width, implementation=self.attention,
                              dropout_rate=cfg.attention_dropout, **kw)
-    x = self.sublayer("self_attn_norm", x, attn(name="self_attn")(
+    self_cache, cross_cache = ("self", "cross") if self.decode else ("none", "none")
+    x = self.sublayer("self_attn_norm", x, attn(name="self_attn", cache=self_cache)(
         x, mask=self_mask, deterministic=self.deterministic))
     if encoder_states is not None:
-      x = self.sublayer("cross_attn_norm", x, attn(name="cross_attn")(
+      x = self.sublayer("cross_attn_norm", x, attn(name="cross_attn", cache=cross_cache)(
           x, encoder_states, mask=encoder_mask, deterministic=self.deterministic))
     x = self.sublayer("mlp_norm", x, layers.Mlp(cfg.intermediate_size, width, act=cfg.hidden_act,
                                                 name="mlp", **kw)(x))
@@ -166,8 +168,8 @@ class FusionLayer(nn.Module):
   @nn.compact
   def __call__(self, carry, image_mask: Array, text_mask: Array):
     image, text = carry
-    layer = BertLayer(self.cfg, self.attention, self.deterministic, self.dtype,
-                      self.param_dtype, name="layer")
+    layer = BertLayer(self.cfg, attention=self.attention, deterministic=self.deterministic,
+                      dtype=self.dtype, param_dtype=self.param_dtype, name="layer")
     if self.joint:
       joint_mask = jnp.concatenate([image_mask, text_mask], axis=-1)
       out, _ = layer(jnp.concatenate([image, text], axis=1), joint_mask)
@@ -224,26 +226,32 @@ class LMHead(nn.Module):
 
 
 class TextDecoder(nn.Module):
-  """The shared text decoder: causal self-attention, cross-attention, tied LM head."""
+  """The shared text decoder: causal self-attention, cross-attention, tied LM head.
+
+  With `decode`, self-attention keys/values and the projected encoder keys/values live in
+  a "cache" collection: prime it with a full-length call, then feed one token per call
+  with its `positions` (see `evaluate/generation.py`).
+  """
 
   cfg: ml_collections.ConfigDict
   remat_policy: str = "none"
   attention: str = "xla"
   deterministic: bool = True
+  decode: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def setup(self):
-    kw = dict(attention=self.attention, deterministic=self.deterministic, dtype=self.dtype,
-              param_dtype=self.param_dtype)
+    kw = dict(attention=self.attention, deterministic=self.deterministic, decode=self.decode,
+              dtype=self.dtype, param_dtype=self.param_dtype)
     self.embeddings = Embeddings(self.cfg, self.deterministic, self.dtype, self.param_dtype)
     self.layers = _stacked_bert(self.cfg, self.cfg.decoder_layers, self.remat_policy, **kw)
     self.head = LMHead(self.cfg, self.dtype, self.param_dtype)
 
   def __call__(self, ids: Array, mask: Array, encoder_states: Array,
-               encoder_mask: Array) -> tuple[Array, dict]:
+               encoder_mask: Array, positions: Array | None = None) -> tuple[Array, dict]:
     """Teacher-forced logits (B, L, V) at every position (position t scores token t+1)."""
-    x = self.embeddings(ids)
+    x = self.embeddings(ids, positions)
     x, _ = self.layers(x, layers.causal_padding_mask(mask), encoder_states,
                        layers.padding_mask(encoder_mask))
     return self.head(x, self.embeddings), {"decoder_hidden": x}

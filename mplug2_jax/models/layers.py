@@ -218,6 +218,13 @@ class MultiHeadAttention(nn.Module):
   Used for self-attention (`inputs_kv=None`) and cross-attention. Returns the output
   projection only: residuals and norms belong to the block, since BERT (post-norm),
   CLIP (pre-norm) and LLaMA place them differently.
+
+  Incremental decoding (`cache`): the first call with a "cache" collection that does not
+  exist yet primes it (a full-length dummy input for "self", the real encoder states for
+  "cross"); later calls feed one new query position each.
+    "self"   keys/values of past positions are kept and the new one written at `index`;
+             the query attends to positions <= index (the causal mask of a full pass).
+    "cross"  the encoder keys/values are projected once, at priming, and reused.
   """
 
   num_heads: int
@@ -226,6 +233,7 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   implementation: str = "xla"
   dropout_rate: float = 0.0
+  cache: str = "none"  # "none" | "self" | "cross"
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -236,11 +244,28 @@ class MultiHeadAttention(nn.Module):
     proj = functools.partial(Dense, features=(self.num_heads, self.head_dim),
                              kernel_axes=("embed", "heads", "kv"), use_bias=self.use_bias,
                              dtype=self.dtype, param_dtype=self.param_dtype)
-    q = proj(name="query")(inputs_q)
-    k = proj(name="key")(inputs_kv)
-    v = proj(name="value")(inputs_kv)
     heads = ("activation_batch", "activation_length", "activation_heads", None)
-    q, k, v = constrain(q, heads), constrain(k, heads), constrain(v, heads)
+    q = constrain(proj(name="query")(inputs_q), heads)
+    priming = self.cache != "none" and not self.has_variable("cache", "cached_key")
+    if self.cache == "cross" and not priming:
+      k, v = self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+    else:
+      k = constrain(proj(name="key")(inputs_kv), heads)
+      v = constrain(proj(name="value")(inputs_kv), heads)
+    if self.cache != "none":
+      cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+      cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+      if self.cache == "cross" and priming:
+        cached_k.value, cached_v.value = k, v
+      if self.cache == "self":
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not priming:
+          i = index.value
+          cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k, i, axis=1)
+          cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v, i, axis=1)
+          k, v = cached_k.value, cached_v.value
+          mask = (jnp.arange(k.shape[1]) <= i)[None, None, None, :]
+          index.value = i + q.shape[1]
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng("dropout")
@@ -319,7 +344,7 @@ def stack(block: type[nn.Module], length: int, remat_policy: str,
                      static_argnums=())
   return nn.scan(
       block,
-      variable_axes={"params": 0},
+      variable_axes={"params": 0, "cache": 0},
       split_rngs={"params": True, "dropout": True},
       in_axes=(nn.broadcast,) * broadcast_args,
       length=length,

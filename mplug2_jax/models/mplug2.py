@@ -66,6 +66,7 @@ class Mplug2(nn.Module):
   config: ml_collections.ConfigDict
   deterministic: bool = True
   collect: bool = False  # return per-block intermediates (parity tests)
+  use_cache: bool = False  # decoder with key/value caches (incremental generation)
 
   def setup(self):
     cfg = self.config
@@ -81,7 +82,8 @@ class Mplug2(nn.Module):
     self.dropout = nn.Dropout(text.dropout)
     self.text_encoder = bert.TextEncoder(text, deterministic=self.deterministic, **tower)
     self.fusion = bert.FusionEncoder(text, deterministic=self.deterministic, **tower)
-    self.decoder = bert.TextDecoder(text, deterministic=self.deterministic, **tower)
+    self.decoder = bert.TextDecoder(text, deterministic=self.deterministic, decode=self.use_cache,
+                                    **tower)
     # Pretraining / retrieval heads.
     self.itc_head = ItcHead(cfg.embed_dim, cfg.temp, **kw)
     self.itm_head = layers.Dense(2, kernel_axes=("embed", "classes"), **kw)
@@ -114,10 +116,11 @@ class Mplug2(nn.Module):
     """Fusion model -> (image states, text states)."""
     return self.fusion(image, image_mask, text, text_mask)
 
-  def decode(self, ids: Array, mask: Array, encoder_states: Array,
-             encoder_mask: Array) -> tuple[Array, dict]:
-    """Teacher-forced decoder logits (B, L, V) float32."""
-    return self.decoder(ids, mask, encoder_states, encoder_mask)
+  def decode(self, ids: Array, mask: Array, encoder_states: Array, encoder_mask: Array,
+             positions: Array | None = None) -> tuple[Array, dict]:
+    """Teacher-forced decoder logits (B, L, V) float32 (one step at `positions` when the
+    model is built with `use_cache=True`)."""
+    return self.decoder(ids, mask, encoder_states, encoder_mask, positions)
 
   def itc_features(self, image_embeds: Array, text_states: Array) -> tuple[Array, Array, Array]:
     """L2-normalised ITC features of the [CLS] positions and the temperature."""
@@ -189,10 +192,10 @@ def answer_encoder_states(fused_image: Array, image_mask: Array, fused_text: Arr
 
 
 def build(config: ml_collections.ConfigDict, *, deterministic: bool = True,
-          collect: bool = False) -> Mplug2:
+          collect: bool = False, use_cache: bool = False) -> Mplug2:
   """The model for `config.model` (frozen, so it can be a static jit argument)."""
   return Mplug2(ml_collections.FrozenConfigDict(config), deterministic=deterministic,
-                collect=collect)
+                collect=collect, use_cache=use_cache)
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 2,
