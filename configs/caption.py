@@ -18,4 +18,5 @@ def get_config(arg=None):
   config = config_lib.base_config(a.size, task="caption")
   config.batch_size = 2 if a.size == "tiny" else 4   # official batch_size_train per GPU: 4
   config.text_length = 20                            # official caption max_length
+  config.optimizer.accum_steps = 2                   # official --accum_steps default
   return config

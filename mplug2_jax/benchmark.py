@@ -59,8 +59,6 @@ def main(argv):
   del argv
   import jax
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
   from mplug2_jax import config_lib, sharding
   from mplug2_jax.models import mplug2
 
@@ -72,8 +70,7 @@ def main(argv):
 
   model = mplug2.build(config.model)
   rng = jax.random.key(config.seed)
-  batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-  batch = jax.device_put(synthetic_batch(config, rng), batch_sharding)
+  batch = jax.device_put(synthetic_batch(config, rng), sharding.batch_sharding(mesh, config))
   t0 = time.perf_counter()
   params, _ = sharding.init_params(model, batch, rng, mesh, config)
   print(f"params {sharding.count_params(params):,} initialised sharded in "

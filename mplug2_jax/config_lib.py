@@ -145,10 +145,20 @@ def mesh_config(shape=(1, -1, 1)) -> ml_collections.ConfigDict:
 
 
 def base_config(size: str = "tiny", task: str = "videoqa") -> ml_collections.ConfigDict:
+  """Every section with its defaults; each section's keys are documented where defined."""
+  from mplug2_jax import data  # noqa: local imports keep `import config_lib` light
+  from mplug2_jax.train import checkpointing, objectives, optimizer
+
   config = ml_collections.ConfigDict()
   config.model = model_config(size, task)
   config.mesh = mesh_config()
   config.sharding_rules = DEFAULT_RULES
+  config.data = data.default_data_config()                  # data/__init__.py
+  config.optimizer = optimizer.default_optimizer_config()   # train/optimizer.py
+  config.objective = objectives.default_objective_config()  # train/objectives.py
+  config.checkpoint = checkpointing.default_checkpoint_config()  # train/checkpointing.py
+  config.total_steps = 0          # optimizer steps of the run (the cosine schedule's length)
+  config.max_nonfinite_steps = 10  # consecutive non-finite steps that stop the run
   config.seed = 0
   return config
 

@@ -42,6 +42,12 @@ def activate(mesh: Mesh, config: ml_collections.ConfigDict):
     yield
 
 
+def batch_sharding(mesh: Mesh, config: ml_collections.ConfigDict) -> NamedSharding:
+  """Sharding of a batch: dim 0 over the mesh axes of the `activation_batch` rule."""
+  axes = dict(rules(config))["activation_batch"]
+  return NamedSharding(mesh, P(axes))
+
+
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[int]]:
   """Drops mesh axes that do not divide their dimension; returns the dims replicated."""
   fitted, dropped = [], []

@@ -37,6 +37,7 @@ import numpy as np
 from mplug2_jax.data import media, records
 from mplug2_jax.data import text as text_lib
 from mplug2_jax.data.bad_data import BadDataCounter
+from mplug2_jax.sharding import batch_sharding  # noqa: F401  (re-exported for callers)
 
 REASON_INDEX = {r: i for i, r in enumerate(media.REASONS)}
 _META = "_meta"  # per-example host metadata (dict) -> DataIterator.last_meta
@@ -344,14 +345,6 @@ class DataIterator:
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   """Process-local batch -> global arrays, leading (batch) dimension split over `sharding`."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def batch_sharding(mesh, config: ml_collections.ConfigDict):
-  """NamedSharding of a batch: dim 0 over the mesh axes of the `activation_batch` rule."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  axes = dict((name, t) for name, t in config.sharding_rules)["activation_batch"]
-  return NamedSharding(mesh, P(tuple(axes) if isinstance(axes, (list, tuple)) else axes))
 
 
 # --------------------------------------------------------------------------------------
