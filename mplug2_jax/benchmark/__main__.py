@@ -1,0 +1,141 @@
+r"""Train-step, encoder and generation benchmark on this machine.
+
+    python -m mplug2_jax.benchmark --config configs/videoqa.py:base --batch 4 --frames 4
+    python -m mplug2_jax.benchmark --config configs/caption.py:tiny --steps 10
+
+Builds the task model with random weights and the real jitted train step (forward,
+backward, optimizer, EMA / queues where the task has them) on synthetic batches of the
+task's shapes, then prints: compile time, median step time over `--steps` steps after
+`--warmup`, samples/s, model FLOPs per step (analytic when `train/flops.py` provides them,
+and XLA's cost analysis of the compiled step), achieved FLOP/s and MFU against
+`--peak_tflops` or, by default, against the fp32 matmul ceiling measured in the same run.
+With `--encoder` / `--generation` it also times the video-encoder forward and cached
+beam-search captioning (videos/s). The config is validated before any compute.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_TASK = flags.DEFINE_string("task", "", "Override config.model.task.")
+_BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0 = config.batch_size).")
+_FRAMES = flags.DEFINE_integer("frames", 0, "Frames per video (0 = config.model.num_frames).")
+_TEXT = flags.DEFINE_integer("text_length", 0, "Text tokens (0 = config.text_length).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak for MFU; 0 = measured matmul ceiling.")
+_ENCODER = flags.DEFINE_bool("encoder", True, "Also time the video-encoder forward.")
+_GENERATION = flags.DEFINE_bool("generation", True, "Also time beam-search captioning.")
+
+
+def _cost_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+
+  from mplug2_jax import config_lib, sharding
+  from mplug2_jax.benchmark import common
+  from mplug2_jax.evaluate import generation
+  from mplug2_jax.models import mplug2
+  from mplug2_jax.train import state as state_lib
+  from mplug2_jax.train import step as step_lib
+
+  config = _CONFIG.value
+  if _TASK.value:
+    config.model.task = _TASK.value
+  if _FRAMES.value:
+    config.model.num_frames = _FRAMES.value
+  config.batch_size = _BATCH.value or config.get("batch_size", 2)
+  text_length = _TEXT.value or config.get("text_length", 20)
+  config.total_steps = max(config.total_steps, 1000)
+  config_lib.validate(config, jax.device_count())
+  m = config.model
+  batch_size = config.batch_size
+
+  mesh = sharding.make_mesh(config)
+  print(f"{m.task} {m.size}: batch {batch_size}, {m.num_frames} frames x {m.image_size} px, "
+        f"text {text_length}, {m.dtype} compute, mesh {dict(mesh.shape)} on "
+        f"{jax.device_count()} {jax.default_backend()} device(s)", flush=True)
+  batch = jax.device_put(common.synthetic_batch(config, batch_size, text_length),
+                         sharding.batch_sharding(mesh, config))
+  trainer = state_lib.Trainer(config, mesh, batch)
+  start = time.perf_counter()
+  state = trainer.init()
+  jax.block_until_ready(state)
+  print(f"params {sharding.count_params(state.params):,}; state initialised in "
+        f"{time.perf_counter() - start:.1f}s", flush=True)
+
+  step = step_lib.JittedStep(trainer)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  xla_flops = _cost_flops(compiled)
+  memory = compiled.memory_analysis()
+  try:
+    from mplug2_jax.train import flops as flops_lib
+    analytic = flops_lib.train_step_flops(config, batch)
+  except (ImportError, AttributeError):
+    analytic = None
+
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return metrics
+
+  step_s = common.timed(one_step, steps=_STEPS.value, warmup=_WARMUP.value)
+  peak = _PEAK.value * 1e3 if _PEAK.value else common.matmul_ceiling_gflops()
+  flops = analytic or xla_flops or 0.0
+  achieved = flops / step_s / 1e9
+  rows = [
+      ("compile", f"{compile_s:.1f} s"),
+      ("train step (median)", f"{step_s:.3f} s over {_STEPS.value} steps"),
+      ("samples/s", f"{batch_size / step_s:.3f}"),
+      ("model GFLOP/step (analytic)", f"{analytic / 1e9:.1f}" if analytic else "n/a"),
+      ("model GFLOP/step (XLA cost analysis)", f"{xla_flops / 1e9:.1f}" if xla_flops else "n/a"),
+      ("achieved GFLOP/s", f"{achieved:.1f}"),
+      ("peak GFLOP/s" + ("" if _PEAK.value else " (measured fp32 matmul ceiling)"), f"{peak:.1f}"),
+      ("MFU", f"{100 * achieved / peak:.1f}%"),
+  ]
+  if memory is not None:
+    rows.append(("temporaries (XLA)", f"{memory.temp_size_in_bytes / 2**30:.2f} GiB"))
+
+  params = holder["state"].params
+  model = mplug2.build(m)
+  if _ENCODER.value:
+    encode = jax.jit(lambda p, v: model.apply({"params": p}, v,
+                                              method=mplug2.Mplug2.embed_image)[0])
+    encoder_s = common.timed(encode, params, batch["video"], steps=max(3, _STEPS.value // 2))
+    rows.append(("video encoder + universal forward", f"{encoder_s:.3f} s, "
+                 f"{batch_size / encoder_s:.2f} videos/s"))
+  if _GENERATION.value and "decoder" in mplug2.TASK_MODULES[m.task]:
+    cached = mplug2.build(m, use_cache=True)
+
+    def caption(p, video):
+      image, _ = model.apply({"params": p}, video, method=mplug2.Mplug2.embed_image)
+      mask = jnp.ones(image.shape[:2], jnp.int32)
+      return generation.beam_search_cached(cached, p, image, mask, beam_size=5, min_length=4,
+                                           max_length=20).ids
+
+    gen_s = common.timed(jax.jit(caption), params, batch["video"], steps=3)
+    rows.append(("beam-search captioning (beam 5, 20 tokens)",
+                 f"{gen_s:.3f} s, {batch_size / gen_s:.2f} videos/s"))
+  width = max(len(name) for name, _ in rows)
+  for name, value in rows:
+    print(f"  {name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
