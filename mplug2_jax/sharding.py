@@ -95,9 +95,11 @@ def init_params(model: nn.Module, batch: dict, rng: jax.Array, mesh: Mesh,
 
 def abstract_params(model: nn.Module, batch: dict, method: Callable | None = None) -> Any:
   """Parameter shapes without allocating (boxed with their logical axes)."""
-  return jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, batch,
-                         method=method)["params"])
+  def init(b):
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+    return model.init(rngs, b, method=method)["params"]
+
+  return jax.eval_shape(init, batch)
 
 
 def unboxed(tree: Any) -> Any:

@@ -12,30 +12,57 @@ import numpy as np
 from mplug2_jax.models import mplug2
 
 
+def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
+               text_length: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of every key the task's objective reads (see data/pipeline.py),
+  without allocating anything."""
+  m = config.model
+  spec = dict(jax.eval_shape(lambda: mplug2.dummy_batch(m, batch_size, text_length)))
+  i32, f32 = jnp.int32, jnp.float32
+  if "caption_ids" in spec:
+    spec["caption_labels"] = spec["caption_ids"]
+  if "answer_ids" in spec:
+    spec["answer_labels"] = spec["answer_ids"]
+    spec["answer_weights"] = jax.ShapeDtypeStruct(spec["answer_ids"].shape[:1], f32)
+  if m.task in ("retrieval", "pretrain"):
+    spec["image_ids"] = jax.ShapeDtypeStruct((batch_size,), i32)
+  if m.task == "classification":
+    spec["labels"] = jax.ShapeDtypeStruct((batch_size,), i32)
+  return spec
+
+
 def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, text_length: int,
                     seed: int = 0) -> dict[str, jax.Array]:
-  """Random inputs with every key the task's objective reads (see data/pipeline.py)."""
+  """Random inputs of `batch_spec`: noise video, random word ids after [CLS], labels as
+  the official ones (caption prompt masked), unit answer weights, distinct image ids."""
   m = config.model
   rng = np.random.default_rng(seed)
-  batch = {k: np.asarray(v) for k, v in mplug2.dummy_batch(m, batch_size, text_length).items()}
-  batch["video"] = rng.normal(size=batch["video"].shape).astype(np.float32)
-  for name in list(batch):
-    if name.endswith("_ids"):
-      ids = rng.integers(104, m.text.vocab_size, batch[name].shape).astype(np.int32)
-      ids[:, 0] = 101
-      batch[name] = ids
-  if "caption_ids" in batch:
-    labels = batch["caption_ids"].copy()
-    labels[:, :3] = -100  # [CLS] + prompt pieces, as the official caption labels
-    batch["caption_labels"] = labels
-  if "answer_ids" in batch:
-    batch["answer_labels"] = batch["answer_ids"].copy()
-    batch["answer_weights"] = np.ones(batch["answer_ids"].shape[0], np.float32)
-  if m.task in ("retrieval", "pretrain"):
-    batch["image_ids"] = np.arange(batch_size, dtype=np.int32)
-  if m.task == "classification":
-    batch["labels"] = rng.integers(0, m.num_classes, batch_size).astype(np.int32)
-  return {k: jnp.asarray(v) for k, v in batch.items()}
+  out = {}
+  for name, s in batch_spec(config, batch_size, text_length).items():
+    if name == "video":
+      value = rng.normal(size=s.shape).astype(np.float32)
+    elif name.endswith("_ids") and name != "image_ids":
+      value = rng.integers(104, m.text.vocab_size, s.shape).astype(np.int32)
+      value[:, 0] = 101
+    elif name.endswith("_mask"):
+      value = np.ones(s.shape, np.int32)
+    elif name == "answer_question_index":
+      value = np.arange(s.shape[0], dtype=np.int32) * batch_size // s.shape[0]
+    elif name == "answer_weights":
+      value = np.ones(s.shape, np.float32)
+    elif name == "image_ids":
+      value = np.arange(batch_size, dtype=np.int32)
+    elif name == "labels":
+      value = rng.integers(0, m.num_classes, s.shape).astype(np.int32)
+    else:
+      continue
+    out[name] = value
+  for labels, ids in (("caption_labels", "caption_ids"), ("answer_labels", "answer_ids")):
+    if ids in out:
+      out[labels] = out[ids].copy()
+  if "caption_labels" in out:
+    out["caption_labels"][:, :3] = -100  # [CLS] + prompt pieces, as the official labels
+  return {k: jnp.asarray(v) for k, v in out.items()}
 
 
 def matmul_ceiling_gflops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:

@@ -75,9 +75,12 @@ class Trainer:
     self.model = mplug2.build(config.model, deterministic=False)
     self.objective = config.get("objective", objectives.default_objective_config())
     self.opt_config = config.get("optimizer", optimizer_lib.default_optimizer_config())
-    self.example_batch = example_batch
+    # Parameters do not depend on the batch size: init traces a one-row stand-in, so the
+    # example batch may be abstract (ShapeDtypeStructs) and of any (pod-scale) size.
+    self.example_batch = jax.tree.map(
+        lambda x: jnp.zeros((1,) + tuple(x.shape[1:]), x.dtype), example_batch)
     with sharding.activate(mesh, config):
-      boxed = sharding.abstract_params(mplug2.build(config.model), example_batch)
+      boxed = sharding.abstract_params(mplug2.build(config.model), self.example_batch)
       self.param_shardings = sharding.logical_shardings(boxed, mesh, config)
     self.abstract_params = sharding.unboxed(boxed)
     self.tx, self.lr_fn = optimizer_lib.make(self.opt_config, self.abstract_params,

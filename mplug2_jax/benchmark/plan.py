@@ -1,0 +1,137 @@
+r"""Accelerator plan by AOT compilation on fake CPU meshes, plus a roofline prediction.
+
+    python -m mplug2_jax.benchmark.plan --config configs/pretrain.py:large \
+        --devices 64 --mesh "(1,64,1)" --per_device_batch 4 --remat full
+
+Compiles (never runs) the real pretraining train step for `--devices` fake CPU devices with
+the given data/fsdp/tensor mesh, bf16 compute and fp32 parameters, and reports per device:
+argument bytes (parameters, optimizer state, EMA, queues), temporary bytes
+(`compiled.memory_analysis()`), FLOPs (`cost_analysis()`), and the bytes each kind of
+collective moves (parsed from the compiled HLO). A roofline model turns these into a
+predicted step time and MFU for an accelerator:
+
+  t_compute    = FLOPs per device / peak bf16 FLOP/s
+  t_memory     = (argument + 2 x temporary bytes) / HBM bandwidth   (a lower bound on traffic)
+  t_collective = sum over collectives of bytes x algorithm factor / link bandwidth
+  step time    = max(t_compute, t_memory) + (1 - overlap) x t_collective
+
+with `overlap` the fraction of collective time hidden behind compute (XLA's async
+collectives with FSDP prefetch; 0.8 by default, a stated assumption). MFU = model FLOPs /
+(step time x peak). Hardware numbers are the published ones (module constants).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags
+
+_CONFIG = flags.DEFINE_string("config", "configs/pretrain.py:large", "Config file[:arg].")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices to compile for.")
+_MESH = flags.DEFINE_string("mesh", "", "Mesh shape (data,fsdp,tensor); default (1,devices,1).")
+_PER_DEVICE = flags.DEFINE_integer("per_device_batch", 4, "Videos per device.")
+_FRAMES = flags.DEFINE_integer("frames", 16, "Frames per video.")
+_TEXT = flags.DEFINE_integer("text_length", 30, "Text tokens.")
+_REMAT = flags.DEFINE_string("remat", "full", "Remat policy name (models/layers.py).")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
+_OVERLAP = flags.DEFINE_float("overlap", 0.8, "Fraction of collective time hidden by compute.")
+
+# Published peak numbers (dense bf16 FLOP/s, HBM bytes/s, per-chip interconnect bytes/s
+# per direction usable by one collective).
+HARDWARE = {
+    "8xH100 (SXM, NVLink)": dict(flops=989e12, hbm=3.35e12, link=450e9),
+    "TPU v5p": dict(flops=459e12, hbm=2.76e12, link=4 * 100e9),  # 6 ICI links x 100 GB/s; a
+                                                                 # ring uses ~4 at once
+}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+               "s64": 8, "u64": 8, "f64": 8}
+# Bytes a ring moves per device relative to the buffer size: all-reduce 2(n-1)/n,
+# all-gather / reduce-scatter (n-1)/n of the full buffer; ~1 used for large n.
+ALGORITHM_FACTOR = {"all-reduce": 2.0, "all-gather": 1.0, "reduce-scatter": 1.0,
+                    "all-to-all": 1.0, "collective-permute": 1.0}
+
+
+def collective_bytes(hlo: str) -> dict[str, float]:
+  """Bytes of the result buffers of each collective kind in an HLO module."""
+  out = {kind: 0.0 for kind in COLLECTIVES}
+  pattern = re.compile(r"=\s*(\(?[a-z0-9\[\],{}\s:/_.]*?\)?)\s+(" + "|".join(COLLECTIVES) +
+                       r")(-start)?\(")
+  for line in hlo.splitlines():
+    match = pattern.search(line)
+    if not match:
+      continue
+    kind = match.group(2)
+    for dtype, dims in re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", match.group(1)):
+      if dtype not in DTYPE_BYTES:
+        continue
+      size = 1
+      for d in filter(None, dims.split(",")):
+        size *= int(d)
+      out[kind] += size * DTYPE_BYTES[dtype]
+  return out
+
+
+def main(argv):
+  del argv
+  devices = _DEVICES.value
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={devices}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+  import ml_collections
+  from ml_collections import config_flags  # noqa: F401
+
+  from mplug2_jax import config_lib, sharding
+  from mplug2_jax.benchmark import common
+  from mplug2_jax.train import state as state_lib
+  from mplug2_jax.train import step as step_lib
+
+  path, _, arg = _CONFIG.value.partition(":")
+  namespace: dict = {}
+  exec(compile(open(path).read(), path, "exec"), namespace)  # noqa: S102 (our config file)
+  config = namespace["get_config"](arg or None)
+  mesh_shape = eval(_MESH.value) if _MESH.value else (1, devices, 1)  # noqa: S307
+  config.mesh.shape = tuple(mesh_shape)
+  config.model.update(dtype=_DTYPE.value, remat_policy=_REMAT.value, num_frames=_FRAMES.value)
+  config.batch_size = devices * _PER_DEVICE.value // (mesh_shape[2] if len(mesh_shape) > 2 else 1)
+  config.total_steps = max(config.get("total_steps", 0), 1000)
+  config.objective.queue_size = max(config.batch_size, config.objective.queue_size //
+                                    config.batch_size * config.batch_size)
+  config_lib.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config)
+  batch_sharding = sharding.batch_sharding(mesh, config)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+           for k, v in common.batch_spec(config, config.batch_size, _TEXT.value).items()}
+  print(f"{config.model.task} {config.model.size}: global batch {config.batch_size} "
+        f"({_FRAMES.value} frames x {config.model.image_size} px), mesh {dict(mesh.shape)}, "
+        f"{_DTYPE.value} compute, remat {_REMAT.value}", flush=True)
+  trainer = state_lib.Trainer(config, mesh, batch)
+  abstract_state = trainer.abstract_sharded_state()
+  compiled = step_lib.JittedStep(trainer).lower(abstract_state, batch).compile()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  comm = collective_bytes(compiled.as_text())
+  args_b, temp_b = memory.argument_size_in_bytes, memory.temp_size_in_bytes
+  print(f"per device: arguments {args_b / 2**30:.2f} GiB (params, optimizer, EMA, queues), "
+        f"temporaries {temp_b / 2**30:.2f} GiB, total {(args_b + temp_b) / 2**30:.2f} GiB")
+  print(f"per device: {flops / 1e12:.2f} TFLOP per step (XLA cost analysis)")
+  print("collective bytes per device: " + ", ".join(
+      f"{k} {v / 2**30:.2f} GiB" for k, v in comm.items() if v))
+  for name, hw in HARDWARE.items():
+    t_compute = flops / hw["flops"]
+    t_memory = (args_b + 2 * temp_b) / hw["hbm"]
+    t_comm = sum(v * ALGORITHM_FACTOR[k] for k, v in comm.items()) / hw["link"]
+    step = max(t_compute, t_memory) + (1 - _OVERLAP.value) * t_comm
+    print(f"  {name}: compute {t_compute * 1e3:.0f} ms, memory {t_memory * 1e3:.0f} ms, "
+          f"collectives {t_comm * 1e3:.0f} ms -> step {step * 1e3:.0f} ms, "
+          f"MFU {100 * t_compute / step:.0f}%")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
