@@ -129,3 +129,12 @@ def test_training_mode_uses_dropout():
   apply = jax.jit(lambda p, r: model.apply(p, batch, rngs={"dropout": r})[0]["logits"])
   a, b = apply(params, jax.random.key(1)), apply(params, jax.random.key(2))
   assert np.all(np.isfinite(a)) and not np.allclose(a, b)
+
+
+def test_auto_attention_is_xla_on_cpu():
+  """`attention="auto"` picks cuDNN only on GPU with bf16/fp16; on CPU it is the XLA path."""
+  config, batch = make("caption", 2)
+  ref, _ = run(config, batch)
+  config.model.attention = "auto"
+  out, _ = run(config, batch)
+  np.testing.assert_array_equal(out["logits"], ref["logits"])
