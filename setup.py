@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.19",
     "av>=12",          # PyAV: video decoding in the input pipeline
     "Pillow>=10",      # images, GIFs, RandAugment geometry
+    "pycocoevalcap==1.2",  # caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); needs Java
 ]
 
 EXTRAS = {

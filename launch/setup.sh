@@ -22,5 +22,14 @@ if [[ ",$extras," == *",torch,"* ]]; then
   "$venv/bin/python" -m pip install -q "torch==2.13.0"
 fi
 "$venv/bin/python" -m uv pip install --python "$venv/bin/python" -q -e "$spec"
+# pycocoevalcap's PTB tokenizer and METEOR run on Java.
+if ! command -v java >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless >/dev/null) \
+      || echo "setup: could not install Java; caption metrics will be unavailable" >&2
+  else
+    echo "setup: Java not found; install openjdk-17-jre-headless for caption metrics" >&2
+  fi
+fi
 echo "$want" > "$stamp"
 echo "setup: installed mplug2_jax[$extras] into $venv"

@@ -1,0 +1,18 @@
+r"""DiDeMo paragraph-to-video retrieval: R@1/5/10 [unverified] (paper's table).
+
+Paragraphs = the video's sentences joined with spaces (build the dataset that way).
+Spec: shared/spec/mplug2.md sections 6 and 14.
+
+Command:
+  python -m mplug2_jax.evaluate --config configs/eval/didemo_retrieval.py:data=DATA,vocab=VOCAB \
+      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir, VOCAB: vocab.txt)
+"""
+
+from mplug2_jax.evaluate import tasks
+
+
+def get_config(arg=None):
+  return tasks.experiment_config(
+      "retrieval", arg, paper={},
+      data=dict(text_words=256, max_text_len=64),
+      settings=dict(retrieval_k=128, all_texts=True, paragraph=True))

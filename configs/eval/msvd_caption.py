@@ -1,0 +1,18 @@
+r"""MSVD video captioning: CIDEr **165.8** (paper; repo README, abstract).
+
+Beam 5, 4-20 tokens, text after the last 'a video of'; COCO scorer (CIDEr 1.658 = 165.8).
+Spec: shared/spec/mplug2.md sections 6 and 14.
+
+Command:
+  python -m mplug2_jax.evaluate --config configs/eval/msvd_caption.py:data=DATA,vocab=VOCAB \
+      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir, VOCAB: vocab.txt)
+"""
+
+from mplug2_jax.evaluate import tasks
+
+
+def get_config(arg=None):
+  return tasks.experiment_config(
+      "caption", arg, paper={'CIDEr': 1.658},
+      data=dict(caption_prompt='a video of', max_caption_len=20),
+      settings=dict())
