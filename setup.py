@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "av>=12",          # PyAV: video decoding in the input pipeline
     "Pillow>=10",      # images, GIFs, RandAugment geometry
     "pycocoevalcap==1.2",  # caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); needs Java
+    "tensorboardX>=2.6",   # TensorBoard event files from the train loop
+    "matplotlib>=3.8",     # loss-curve PNGs
 ]
 
 EXTRAS = {

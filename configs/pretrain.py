@@ -1,18 +1,73 @@
-r"""mPLUG-2 pretraining model: every module and head (ITC, ITM, MLM, prefix-LM decoder).
+r"""mPLUG-2 pretraining: every module and head (ITC, ITM, MLM, prefix-LM decoder).
 
-Hyper-parameters of the data mixture and schedule arrive with the training issue; this
-file builds the full model (spec section 13).
+mPLUG-2 releases no pretraining recipe; the numbers are mPLUG v1's pretraining YAMLs
+(spec section 13.3, `pretrain_mplug_{large,base}.yaml`): embed_dim 256, queue 65536,
+momentum 0.995, temperature 0.07, distillation alpha 0.4, MLM 15 %;
+  large: 128 per GPU, 224 px, AdamW lr1 5e-5 / lr2 5e-6, wd 0.02, cosine 30 epochs,
+         warm-up 20, min_lr 2e-6
+  base:  256 per GPU, 256 px, lr1 1e-4 / lr2 1e-5, min_lr 1e-6
+The global batch assumes 8 GPUs per the official scripts (`gpus` argument). Warm-up 20 is
+read as 20 iterations, as the fine-tuning YAMLs' `warmup_epochs: 200` are iterations
+under `cosine_step` (spec 10) [unverified for pretraining].
+The data mixture (spec 13.1): COCO, VG, SBU, CC3M, CC12M, WebVid-2M, text corpora; pass the
+built datasets and weights with `mixture=` (`dir:weight;dir:weight`).
 
-Command (forward + timing until training lands):
-  python -m mplug2_jax.benchmark --config configs/pretrain.py:tiny
+  python -m mplug2_jax.main --config "configs/pretrain.py:large,mixture=/data/coco:1;/data/webvid:1" \
+      --workdir /runs/pretrain_large
 """
+
+import math
 
 from mplug2_jax import config_lib
 
+# Size-specific values of the two YAMLs (tiny: for tests).
+RECIPES = {
+    "large": dict(per_gpu=128, image_size=224, lr=5e-5, min_lr=2e-6),
+    "base": dict(per_gpu=256, image_size=256, lr=1e-4, min_lr=1e-6),
+    "tiny": dict(per_gpu=1, image_size=32, lr=1e-3, min_lr=1e-5),
+}
+
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, size="large")
+  a = config_lib.parse_arg(arg, size="large", mixture="", gpus=8, epochs=30,
+                           train_examples=16_000_000, init="")
+  r = RECIPES[a.size]
   config = config_lib.base_config(a.size, task="pretrain")
-  config.batch_size = 2 if a.size == "tiny" else 8
+  config.model.image_size = r["image_size"]
+  config.model.dtype = "float32" if a.size == "tiny" else "bfloat16"
+  config.batch_size = 2 if a.size == "tiny" else r["per_gpu"] * a.gpus
   config.text_length = 10 if a.size == "tiny" else 30
+
+  d = config.data
+  d.mixture = tuple((p.rsplit(":", 1)[0], float(p.rsplit(":", 1)[1]) if ":" in p else 1.0)
+                    for p in a.mixture.split(";") if p)
+  d.task = "pretrain"
+  d.max_text_len = config.text_length
+  d.repeat_images = True        # images and videos in one batch
+
+  c = config.objective
+  c.queue_size = 65536 if a.size != "tiny" else 4
+  c.momentum = 0.995
+  c.alpha = 0.4
+  c.mlm_probability = 0.15
+  config.model.embed_dim = 256
+  config.model.temp = 0.07
+
+  o = config.optimizer
+  o.lr = r["lr"]                                   # lr1
+  o.lr_mults = (("^vision/", 0.1),)                # lr2 = lr1 / 10
+  o.weight_decay = 0.02
+  o.schedule = "cosine_step"
+  o.warmup_steps = 20 if a.size != "tiny" else 2
+  o.warmup_lr = 1e-6
+  o.min_lr = r["min_lr"]
+  steps_per_epoch = math.ceil(a.train_examples / config.batch_size)
+  config.total_steps = a.epochs * steps_per_epoch if a.size != "tiny" else 10
+
+  config.checkpoint.every_steps = 2000
+  config.log_every_steps = 100
+  config.peak_tflops = 0.0
+  config.init_checkpoint = a.init  # `python -m mplug2_jax.convert init-pretrained` output
+  config.synthetic_data = not d.mixture
+  config.seed = 42
   return config

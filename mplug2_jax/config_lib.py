@@ -159,6 +159,10 @@ def base_config(size: str = "tiny", task: str = "videoqa") -> ml_collections.Con
   config.checkpoint = checkpointing.default_checkpoint_config()  # train/checkpointing.py
   config.total_steps = 0          # optimizer steps of the run (the cosine schedule's length)
   config.max_nonfinite_steps = 10  # consecutive non-finite steps that stop the run
+  config.log_every_steps = 10     # console / JSONL / TensorBoard interval
+  config.peak_tflops = 0.0        # per-device peak for MFU (0 = not reported)
+  config.init_checkpoint = ""     # orbax params dir (convert import-official / init-pretrained)
+  config.synthetic_data = False   # random batches instead of config.data (timing, tests)
   config.seed = 0
   return config
 

@@ -98,3 +98,30 @@ def test_bad_config_fails_before_any_compute():
   assert result.returncode != 0
   assert "config.model.text.hidden_size=32: not divisible by model.text.num_heads=5" in result.stderr
   assert "compiled" not in result.stdout and "params" not in result.stdout
+
+
+def test_official_finetuning_hyperparameters():
+  """Spec section 10: AdamW 2e-5 / 2e-6, wd 0.02, 200 warm-up iterations from 1e-6,
+  min_lr 1e-6, 32 videos per iteration, caption accumulates 2 iterations."""
+  for name, batch, accum, warmup in (("caption", 64, 2, 100), ("videoqa", 32, 1, 200)):
+    c = load(f"--config={REPO}/configs/{name}.py:large")
+    o = c.optimizer
+    assert (o.lr, tuple(map(tuple, o.lr_mults)), o.weight_decay) == (2e-5, (("^vision/", 0.1),), 0.02)
+    assert (o.schedule, o.warmup_lr, o.min_lr, o.grad_clip_norm) == ("cosine_step", 1e-6, 1e-6, 0.0)
+    assert (c.batch_size, o.accum_steps, o.warmup_steps) == (batch, accum, warmup)
+    assert (c.model.image_size, c.model.num_frames) == (224, 16)
+    assert c.total_steps > 0 and c.log_every_steps > 0 and "init_checkpoint" in c
+  assert load(f"--config={REPO}/configs/caption.py:large").text_length == 20
+  assert load(f"--config={REPO}/configs/videoqa.py:large").text_length == 50
+  large = load(f"--config={REPO}/configs/pretrain.py:large")
+  assert (large.optimizer.lr, large.optimizer.min_lr, large.batch_size) == (5e-5, 2e-6, 1024)
+  assert large.objective.queue_size % large.batch_size == 0
+  base = load(f"--config={REPO}/configs/pretrain.py:base")
+  assert (base.optimizer.lr, base.model.image_size, base.batch_size) == (1e-4, 256, 2048)
+
+
+def test_demo_config_reads_the_dataset_dir():
+  c = load(f"--config={REPO}/configs/demo.py:data=/some/demo")
+  assert c.data.mixture[0][0] == "/some/demo/video_retrieval"
+  assert c.model.task == "pretrain" and c.objective.queue_size % c.batch_size == 0
+  config_lib.validate(c, num_devices=1)

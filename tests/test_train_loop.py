@@ -1,0 +1,284 @@
+"""The train loop through `python -m mplug2_jax.main`: metrics files, exact resume after a
+SIGTERM (preemption) save, 2-process training; plus host-side helpers.
+
+The runs are subprocesses on one CPU device (two for the multi-process comparison) sharing
+a persistent compilation cache, so only the first run pays the compile. The model is the
+demo config shrunk further by flags, on synthetic batches.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import jax
+
+from mplug2_jax import config_lib, sharding
+from mplug2_jax.models import mplug2
+from mplug2_jax.train import distributed, flops, loop
+from mplug2_jax.train import state as state_lib, step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+SMALL = [
+    "--config.model.vision.layers=1", "--config.model.text.encoder_layers=2",
+    "--config.model.text.fusion_layers=1", "--config.model.text.fusion_layers_built=1",
+    "--config.model.text.decoder_layers=1", "--config.model.num_frames=1",
+    "--config.model.text.vocab_size=512", "--config.batch_size=4",
+    "--config.objective.queue_size=8", "--config.text_length=8",
+    "--config.log_every_steps=1", "--config.checkpoint.every_steps=2",
+]
+LOSSES = ("loss", "loss/itc", "loss/itm", "loss/mlm", "loss/lm", "grad_norm", "lr")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  # MPLUG2_TEST_JAX_CACHE keeps the compiled programs between sessions (development).
+  return os.environ.get("MPLUG2_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def command(workdir, *extra, steps=STEPS):
+  return [sys.executable, "-m", "mplug2_jax.main",
+          f"--config=configs/demo.py:synthetic=1,steps={steps}", f"--workdir={workdir}",
+          *SMALL, *extra]
+
+
+def environment(cache, devices=1):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env.pop("JAX_DEFAULT_PRNG_IMPL", None)
+  return env
+
+
+def run(cache, workdir, *extra, devices=1, timeout=900):
+  proc = subprocess.run(command(workdir, *extra), cwd=REPO, env=environment(cache, devices),
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def losses(workdir):
+  return {r["step"]: {k: r[k] for k in LOSSES if k in r} for r in loop.read_metrics(workdir)}
+
+
+def assert_same_losses(a, b, rtol=0.0):
+  assert sorted(a) == sorted(b)
+  for step in a:
+    assert a[step].keys() == b[step].keys(), step
+    for k in a[step]:
+      if rtol:
+        np.testing.assert_allclose(a[step][k], b[step][k], rtol=rtol, err_msg=f"{step} {k}")
+      else:
+        assert a[step][k] == b[step][k], (step, k, a[step][k], b[step][k])
+
+
+@pytest.fixture(scope="module")
+def straight(cache, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  proc = run(cache, workdir)
+  return workdir, proc
+
+
+# --------------------------------------------------------------------------------------
+# Through main.
+# --------------------------------------------------------------------------------------
+
+
+def test_main_writes_metrics_plot_events_and_checkpoints(straight):
+  workdir, proc = straight
+  rows = loop.read_metrics(workdir)
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  for r in rows:
+    assert {"loss/itc", "loss/itm", "loss/mlm", "loss/lm", "lr", "grad_norm",
+            "perf/samples_per_sec", "perf/tflops_per_sec", "perf/mfu", "perf/eta_sec",
+            "nonfinite_total"} <= set(r)
+    assert np.isfinite(r["loss"])
+  assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 1000
+  assert any(f.startswith("events.") for f in os.listdir(os.path.join(workdir, "tb")))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert f"step {STEPS}/{STEPS} | loss" in proc.stdout
+  assert "ETA" in proc.stdout and "TFLOP/s" in proc.stdout
+  assert "memory analysis" in proc.stderr
+  assert f"done at step {STEPS}" in proc.stdout
+
+
+def test_sigterm_saves_and_the_resumed_run_matches_the_straight_run(straight, cache,
+                                                                   tmp_path):
+  want = losses(straight[0])
+  workdir = str(tmp_path / "preempted")
+  proc = subprocess.Popen(command(workdir), cwd=REPO, env=environment(cache),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # config.json is written once the SIGTERM handler is installed (start of the loop).
+  deadline = time.time() + 600
+  while not os.path.exists(os.path.join(workdir, "config.json")):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=900)
+  assert proc.returncode == 0, err[-4000:]
+  assert "preempted at step 1" in out, out + err[-3000:]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+  assert not os.path.exists(os.path.join(workdir, "loss_curves.png"))
+
+  proc = run(cache, workdir)
+  assert "resumed from" in proc.stderr and "at step 1" in proc.stderr
+  assert f"done at step {STEPS}" in proc.stdout
+  assert_same_losses(want, losses(workdir))  # bit for bit
+
+
+@pytest.mark.slow
+def test_init_checkpoint_loads_converted_params(straight, cache, tmp_path):
+  """config.init_checkpoint: an orbax params dir as `mplug2_jax.convert` writes it (here the
+  straight run's final parameters) initialises a fresh run."""
+  import orbax.checkpoint as ocp
+  import ml_collections
+  from mplug2_jax.convert import checkpoints
+
+  with ocp.StandardCheckpointer() as c:
+    trained = c.restore(os.path.join(straight[0], "checkpoints", str(STEPS), "state"))
+  init = checkpoints.save_params(str(tmp_path / "init"), trained["params"],
+                                 ml_collections.ConfigDict({"task": "pretrain"}))
+  workdir = str(tmp_path / "from_init")
+  proc = run(cache, workdir, f"--config.init_checkpoint={init}", "--config.total_steps=1")
+  assert "parameters loaded, 0 kept from init" in proc.stderr, proc.stderr[-3000:]
+  assert f"initialised from {init}" in proc.stderr
+  scratch, loaded = losses(straight[0])[1], losses(workdir)[1]
+  assert loaded["loss/itc"] != scratch["loss/itc"]
+
+
+@pytest.mark.slow
+def test_stop_and_resume_midway_matches(straight, cache, tmp_path):
+  workdir = str(tmp_path / "stopped")
+  proc = run(cache, workdir, "--stop_after=3")
+  assert "stopped at step 3" in proc.stdout
+  run(cache, workdir)
+  assert_same_losses(losses(straight[0]), losses(workdir))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(cache, tmp_path):
+  """2 local processes x 1 CPU device (jax.distributed on 127.0.0.1) vs 1 process x 2
+  devices: same mesh, same global batch, same losses (up to collective summation order)."""
+  steps = ["--config.total_steps=3"]
+  one = str(tmp_path / "one")
+  run(cache, one, *steps, devices=2)
+  two = str(tmp_path / "two")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      command(two, *steps, "--coordinator_address", f"127.0.0.1:{port}",
+              "--num_processes=2", f"--process_id={i}"),
+      cwd=REPO, env=environment(cache, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outs = [p.communicate(timeout=1800) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  assert "process 0/2" in outs[0][1] or "process 0 of 2" in outs[0][1]
+  assert_same_losses(losses(one), losses(two), rtol=1e-5)
+
+
+def test_main_rejects_a_bad_config_before_compute(tmp_path):
+  for flag, message in (("--config.model.text.num_heads=5", "config.model.text.hidden_size="),
+                        ("--config.synthetic_data=false", "config.data.mixture=")):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mplug2_jax.main", "--config=configs/demo.py:data=/nonexistent",
+         f"--workdir={tmp_path}", "--config.synthetic_data=true", flag],
+        cwd=REPO, env=environment(str(tmp_path)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "compiled" not in proc.stderr
+  proc = subprocess.run(
+      [sys.executable, "-m", "mplug2_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
+       "--config.no_such_key=1"], cwd=REPO, env=environment(str(tmp_path)),
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "no_such_key" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Host-side helpers (no compilation).
+# --------------------------------------------------------------------------------------
+
+
+def test_progress_line_and_writer_truncate_on_resume(tmp_path):
+  w = loop.MetricWriter(str(tmp_path))
+  for step in range(1, 6):
+    w.write(step, {"loss": 1.0 / step, "loss/itc": 0.5, "lr": 1e-3, "grad_norm": 2.0})
+  w.close()
+  w = loop.MetricWriter(str(tmp_path), resume_step=3)
+  w.close()
+  assert [r["step"] for r in loop.read_metrics(str(tmp_path))] == [1, 2, 3]
+  assert loop.plot_losses(str(tmp_path)).endswith("loss_curves.png")
+  line = loop.progress_line(3, 10, {"loss": 1.5, "loss/itc": 0.5, "lr": 1e-3,
+                                    "grad_norm": 2.0, "perf/samples_per_sec": 12.0,
+                                    "perf/tflops_per_sec": 0.01, "perf/mfu": 0.1,
+                                    "perf/eta_sec": 75, "nonfinite_total": 1.0})
+  assert line == ("step 3/10 | loss 1.5000 (itc 0.500) | lr 1.00e-03 | gnorm 2.000 | "
+                  "12.0 samples/s | 0.010 TFLOP/s MFU 10.0% | skipped 1 non-finite | "
+                  "ETA 1m15s")
+
+
+def test_distributed_detection():
+  assert distributed.detect({}) == ""
+  assert distributed.detect({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) == ""
+  assert distributed.detect({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "16"}) == "slurm"
+  assert distributed.detect({"TPU_WORKER_HOSTNAMES": "localhost"}) == ""
+  assert distributed.detect({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}) == "tpu"
+  assert distributed.detect({"JAX_COORDINATOR_ADDRESS": "h:1"}) == "explicit"
+  assert distributed.detect({"OMPI_COMM_WORLD_SIZE": "4"}) == "mpi"
+  with pytest.raises(ValueError, match="num_processes"):
+    distributed.maybe_initialize("127.0.0.1:1234", environ={})
+
+
+# --------------------------------------------------------------------------------------
+# Analytic FLOPs against XLA's cost analysis.
+# --------------------------------------------------------------------------------------
+
+
+def flops_config(task):
+  """A small model whose matmuls dominate, every scanned stack of length 1: XLA's cost
+  analysis counts a while-loop (scan) body once, whatever its trip count."""
+  c = config_lib.base_config("tiny", task)
+  m = c.model
+  m.num_classes = 10 if task == "classification" else 0
+  m.vision.width = m.text.hidden_size = 256
+  m.text.intermediate_size, m.text.num_heads, m.text.vocab_size = 1024, 4, 1000
+  m.num_frames = 2
+  m.vision.layers, m.text.encoder_layers, m.text.fusion_layers = 1, 3, 1
+  m.text.decoder_layers = 1
+  c.mesh.shape, c.batch_size, c.text_length, c.total_steps = (1, 1, 1), 4, 8, 10
+  c.objective.queue_size = 8
+  return c
+
+
+def xla_and_analytic_flops(task, compile_=False):
+  c = flops_config(task)
+  mesh = sharding.make_mesh(c, jax.devices()[:1])
+  trainer = state_lib.Trainer(c, mesh, mplug2.dummy_batch(c.model, 2, 8))
+  batch = loop.SyntheticIterator(c, sharding.batch_sharding(mesh, c)).global_batch(0)
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  lowered = step_lib.JittedStep(trainer).lower(trainer.abstract_sharded_state(), abstract)
+  cost = lowered.compile().cost_analysis() if compile_ else lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost["flops"], flops.train_step_flops(c, {k: v.shape for k, v in batch.items()})
+
+
+@pytest.mark.parametrize("task", ["pretrain", "videoqa", "classification"])
+def test_analytic_flops_match_xla_cost_analysis(task):
+  xla, analytic = xla_and_analytic_flops(task)
+  assert abs(analytic / xla - 1) < 0.2, (task, analytic, xla)
+
+
+@pytest.mark.slow
+def test_analytic_flops_match_the_compiled_cost_analysis():
+  xla, analytic = xla_and_analytic_flops("caption", compile_=True)
+  assert abs(analytic / xla - 1) < 0.2, (analytic, xla)
