@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from mplug2_jax import config_lib, sharding
-from mplug2_jax.benchmark import common, plan
+from mplug2_jax.benchmark import common, roofline
 from mplug2_jax.train import state as state_lib
 from mplug2_jax.train import step as step_lib
 from conftest import REPO
@@ -51,7 +51,7 @@ def test_collective_bytes_parse_hlo_results():
   %rs = f32[4,4]{1,0} reduce-scatter(f32[16,4]{1,0} %c), dimensions={0}
   %add = f32[4]{0} add(f32[4]{0} %x, f32[4]{0} %y)
   """
-  got = plan.collective_bytes(hlo)
+  got = roofline.collective_bytes(hlo)
   assert got["all-gather"] == 8 * 1024 * 2
   assert got["all-reduce"] == (256 + 256) * 4
   assert got["reduce-scatter"] == 16 * 4

@@ -84,7 +84,7 @@ def main(argv):
   memory = compiled.memory_analysis()
   try:
     from mplug2_jax.train import flops as flops_lib
-    analytic = flops_lib.train_step_flops(config, batch)
+    analytic = flops_lib.train_step_flops(config, {k: v.shape for k, v in batch.items()})
   except (ImportError, AttributeError):
     analytic = None
 

@@ -23,7 +23,6 @@ collectives with FSDP prefetch; 0.8 by default, a stated assumption). MFU = mode
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 from absl import app, flags
@@ -38,42 +37,6 @@ _REMAT = flags.DEFINE_string("remat", "full", "Remat policy name (models/layers.
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
 _OVERLAP = flags.DEFINE_float("overlap", 0.8, "Fraction of collective time hidden by compute.")
 
-# Published peak numbers (dense bf16 FLOP/s, HBM bytes/s, per-chip interconnect bytes/s
-# per direction usable by one collective).
-HARDWARE = {
-    "8xH100 (SXM, NVLink)": dict(flops=989e12, hbm=3.35e12, link=450e9),
-    "TPU v5p": dict(flops=459e12, hbm=2.76e12, link=4 * 100e9),  # 6 ICI links x 100 GB/s; a
-                                                                 # ring uses ~4 at once
-}
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
-               "s64": 8, "u64": 8, "f64": 8}
-# Bytes a ring moves per device relative to the buffer size: all-reduce 2(n-1)/n,
-# all-gather / reduce-scatter (n-1)/n of the full buffer; ~1 used for large n.
-ALGORITHM_FACTOR = {"all-reduce": 2.0, "all-gather": 1.0, "reduce-scatter": 1.0,
-                    "all-to-all": 1.0, "collective-permute": 1.0}
-
-
-def collective_bytes(hlo: str) -> dict[str, float]:
-  """Bytes of the result buffers of each collective kind in an HLO module."""
-  out = {kind: 0.0 for kind in COLLECTIVES}
-  pattern = re.compile(r"=\s*(\(?[a-z0-9\[\],{}\s:/_.]*?\)?)\s+(" + "|".join(COLLECTIVES) +
-                       r")(-start)?\(")
-  for line in hlo.splitlines():
-    match = pattern.search(line)
-    if not match:
-      continue
-    kind = match.group(2)
-    for dtype, dims in re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", match.group(1)):
-      if dtype not in DTYPE_BYTES:
-        continue
-      size = 1
-      for d in filter(None, dims.split(",")):
-        size *= int(d)
-      out[kind] += size * DTYPE_BYTES[dtype]
-  return out
-
-
 def main(argv):
   del argv
   devices = _DEVICES.value
@@ -86,6 +49,7 @@ def main(argv):
 
   from mplug2_jax import config_lib, sharding
   from mplug2_jax.benchmark import common
+  from mplug2_jax.benchmark.roofline import ALGORITHM_FACTOR, HARDWARE, collective_bytes
   from mplug2_jax.train import state as state_lib
   from mplug2_jax.train import step as step_lib
 
@@ -114,12 +78,17 @@ def main(argv):
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0))
+  xla_flops = float(cost.get("flops", 0.0))
+  from mplug2_jax.train import flops as flops_lib
+  # XLA counts a scanned layer stack once; the analytic count is the model's (global batch,
+  # split evenly over the devices).
+  flops = flops_lib.train_step_flops(config, {k: v.shape for k, v in batch.items()}) / devices
   comm = collective_bytes(compiled.as_text())
   args_b, temp_b = memory.argument_size_in_bytes, memory.temp_size_in_bytes
   print(f"per device: arguments {args_b / 2**30:.2f} GiB (params, optimizer, EMA, queues), "
         f"temporaries {temp_b / 2**30:.2f} GiB, total {(args_b + temp_b) / 2**30:.2f} GiB")
-  print(f"per device: {flops / 1e12:.2f} TFLOP per step (XLA cost analysis)")
+  print(f"per device: {flops / 1e12:.2f} TFLOP per step (analytic; XLA cost analysis "
+        f"{xla_flops / 1e12:.2f}, scanned stacks counted once)")
   print("collective bytes per device: " + ", ".join(
       f"{k} {v / 2**30:.2f} GiB" for k, v in comm.items() if v))
   for name, hw in HARDWARE.items():
