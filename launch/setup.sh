@@ -14,7 +14,7 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
-"$venv/bin/python" -m pip --version >/dev/null 2>&1 || "$venv/bin/python" -m ensurepip -q
+"$venv/bin/python" -m pip --version >/dev/null 2>&1 || "$venv/bin/python" -m ensurepip >/dev/null
 "$venv/bin/python" -m pip install -q --upgrade pip uv
 # uv is ~8x faster than pip. torch (extra "torch") goes through pip, which takes the CPU
 # wheel this machine keeps on disk instead of downloading a CUDA build.
