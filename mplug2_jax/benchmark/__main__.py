@@ -6,8 +6,8 @@ r"""Train-step, encoder and generation benchmark on this machine.
 Builds the task model with random weights and the real jitted train step (forward,
 backward, optimizer, EMA / queues where the task has them) on synthetic batches of the
 task's shapes, then prints: compile time, median step time over `--steps` steps after
-`--warmup`, samples/s, model FLOPs per step (analytic when `train/flops.py` provides them,
-and XLA's cost analysis of the compiled step), achieved FLOP/s and MFU against
+`--warmup`, samples/s, model FLOPs per step (analytic, `train/flops.py`, and XLA's cost
+analysis of the compiled step, which counts a scanned layer stack once), achieved FLOP/s and MFU against
 `--peak_tflops` or, by default, against the fp32 matmul ceiling measured in the same run.
 With `--encoder` / `--generation` it also times the video-encoder forward and cached
 beam-search captioning (videos/s). The config is validated before any compute.
@@ -32,13 +32,6 @@ _ENCODER = flags.DEFINE_bool("encoder", True, "Also time the video-encoder forwa
 _GENERATION = flags.DEFINE_bool("generation", True, "Also time beam-search captioning.")
 
 
-def _cost_flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def main(argv):
   del argv
   import jax
@@ -48,6 +41,7 @@ def main(argv):
   from mplug2_jax.benchmark import common
   from mplug2_jax.evaluate import generation
   from mplug2_jax.models import mplug2
+  from mplug2_jax.train import flops as flops_lib
   from mplug2_jax.train import state as state_lib
   from mplug2_jax.train import step as step_lib
 
@@ -80,13 +74,9 @@ def main(argv):
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  xla_flops = _cost_flops(compiled)
+  xla_flops = flops_lib.xla_cost(compiled).get("flops")
   memory = compiled.memory_analysis()
-  try:
-    from mplug2_jax.train import flops as flops_lib
-    analytic = flops_lib.train_step_flops(config, {k: v.shape for k, v in batch.items()})
-  except (ImportError, AttributeError):
-    analytic = None
+  analytic = flops_lib.train_step_flops(config, {k: v.shape for k, v in batch.items()})
 
   holder = {"state": state}
 

@@ -51,6 +51,7 @@ def main(argv):
   from mplug2_jax.benchmark import common
   from mplug2_jax.benchmark.roofline import ALGORITHM_FACTOR, HARDWARE, collective_bytes
   from mplug2_jax.train import state as state_lib
+  from mplug2_jax.train import flops as flops_lib
   from mplug2_jax.train import step as step_lib
 
   path, _, arg = _CONFIG.value.partition(":")
@@ -76,10 +77,7 @@ def main(argv):
   abstract_state = trainer.abstract_sharded_state()
   compiled = step_lib.JittedStep(trainer).lower(abstract_state, batch).compile()
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get("flops", 0.0))
-  from mplug2_jax.train import flops as flops_lib
+  xla_flops = float(flops_lib.xla_cost(compiled).get("flops", 0.0))
   # XLA counts a scanned layer stack once; the analytic count is the model's (global batch,
   # split evenly over the devices).
   flops = flops_lib.train_step_flops(config, {k: v.shape for k, v in batch.items()}) / devices

@@ -154,3 +154,15 @@ def train_step_flops(config: ml_collections.ConfigDict,
   queue = int(config.objective.queue_size) if "objective" in config else 0
   train, embed, frozen = forward_flops(config.model, shapes, queue)
   return 3.0 * train + 2.0 * embed + frozen
+
+
+def xla_cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled computation as one dict ({} where the backend has
+  none). Note it counts a scanned layer stack's body once, not once per layer."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001  (not every backend reports costs)
+    return {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})

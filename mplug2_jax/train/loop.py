@@ -294,16 +294,6 @@ def _shape_tree(batch: dict) -> dict:
           for k, v in batch.items()}
 
 
-def _cost(compiled) -> dict:
-  try:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0] if cost else {}
-    return dict(cost or {})
-  except Exception:  # noqa: BLE001  (not every backend reports costs)
-    return {}
-
-
 def train(config: ml_collections.ConfigDict, workdir: str,
           stop_after: int | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir`; returns a summary (last metrics, status, steps).
@@ -376,7 +366,7 @@ def _train(config, workdir, stop_after, guard) -> dict[str, Any]:
   except Exception as e:  # noqa: BLE001
     logging.info("no memory analysis: %s", e)
   step_flops = flops_lib.train_step_flops(config, {k: v.shape for k, v in abstract_batch.items()})
-  xla_flops = _cost(compiled).get("flops", 0.0)
+  xla_flops = flops_lib.xla_cost(compiled).get("flops", 0.0)
   logging.info("FLOPs per step: analytic %.4g (global batch); XLA cost analysis %.4g (one "
                "device's program, a scanned layer stack counted once)", step_flops, xla_flops)
   peak = float(config.get("peak_tflops", 0.0)) * jax.device_count()
