@@ -55,14 +55,12 @@ def get_config(arg=None):
   config.total_steps = a.epochs * steps_per_epoch
 
   config.checkpoint.every_steps = steps_per_epoch   # official: evaluates/saves every epoch
-  config.checkpoint.best_metric = ""                # "eval/cider" once evaluation runs in-loop
+  config.eval_every_steps = steps_per_epoch          # official: evaluates every epoch
+  config.checkpoint.best_metric = "eval/CIDEr"       # keep the best epoch as well
   config.log_every_steps = 50
   config.peak_tflops = 0.0    # per-device peak for MFU, e.g. 197 (v4), 459 (v5p), 989 (H100 bf16)
   config.init_checkpoint = a.init
   config.synthetic_data = not a.data
   config.seed = 42                                   # official: 42 + rank
-  # Evaluation (decoding): beam 5, min_length 4, max_length 20 (evaluate/).
-  config.beam_size = 5
-  config.min_length = 4
-  config.max_length = 20
+  # Decoding for evaluation: config.eval (beam 5; evaluate/tasks.py GENERATION_DEFAULTS).
   return config

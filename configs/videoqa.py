@@ -51,12 +51,12 @@ def get_config(arg=None):
   config.total_steps = a.epochs * steps_per_epoch
 
   config.checkpoint.every_steps = steps_per_epoch
+  config.eval_every_steps = steps_per_epoch          # official: evaluates every epoch
+  config.checkpoint.best_metric = "eval/accuracy"    # keep the best epoch as well
   config.log_every_steps = 50
   config.peak_tflops = 0.0    # per-device peak for MFU
   config.init_checkpoint = a.init
   config.synthetic_data = not a.data
   config.seed = 42
-  config.beam_size = 5
-  config.min_length = 1
-  config.max_length = 10
+  # Decoding for evaluation: config.eval (beam 5; evaluate/tasks.py GENERATION_DEFAULTS).
   return config

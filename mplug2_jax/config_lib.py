@@ -164,6 +164,11 @@ def base_config(size: str = "tiny", task: str = "videoqa") -> ml_collections.Con
   config.init_checkpoint = ""     # orbax params dir (convert import-official / init-pretrained)
   config.synthetic_data = False   # random batches instead of config.data (timing, tests)
   config.seed = 0
+  # In-loop evaluation on data.eval_split (train/loop.make_evaluator); 0 = off.
+  config.eval_every_steps = 0
+  config.eval_task = ""           # "" = model.task; e.g. "retrieval" for a pretraining run
+  from mplug2_jax.evaluate import tasks
+  config.eval = tasks.eval_config(task)  # evaluate/tasks.py: the evaluators' settings
   return config
 
 

@@ -269,7 +269,7 @@ def test_id_sets(demo_data):
 @needs_vocab
 @needs_java
 def test_caption_end_to_end(demo_data, tmp_path):
-  from mplug2_jax.evaluate import __main__ as cli
+  from mplug2_jax.evaluate import runner as cli
 
   cfg, params = tiny_params("caption")
   logs = []

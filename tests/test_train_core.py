@@ -214,6 +214,38 @@ def test_queue_enqueue_wraps():
   assert int(q["ptr"]) == 2
 
 
+def test_no_queue_is_no_state_and_in_batch_itc(tmp_path):
+  """queue_size 0: nothing zero-sized in the state (checkpoints cannot hold it), enqueue is
+  a no-op, and the ITC keys are the batch's momentum features only."""
+  assert objectives.init_queues(jax.random.key(0), 0, 8) == {}
+  assert objectives.enqueue({}, jnp.ones((2, 8)), jnp.ones((2, 8)), jnp.arange(2)) == {}
+  rng = np.random.default_rng(0)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  img, txt = unit(rng.normal(size=(4, 8))), unit(rng.normal(size=(4, 8)))
+  empty = jnp.zeros((0, 8))
+  loss, _ = objectives.itc_loss(img, txt, img, txt, jnp.arange(4), empty, empty,
+                                jnp.zeros((0,), jnp.int32), 0.1, 0.0)
+  logits = img @ txt.T / 0.1
+  log_softmax = lambda x: x - np.log(np.exp(x).sum(1, keepdims=True))
+  want = -(np.trace(log_softmax(logits)) + np.trace(log_softmax(logits.T))) / 8
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+  config = tiny_config("retrieval")
+  config.objective.queue_size = 0
+  trainer = state_lib.Trainer(config, sharding.make_mesh(config, jax.devices()[:1]),
+                              mplug2.dummy_batch(config.model, B, L))
+  state = trainer.init()
+  assert state.queues == {}
+  ckpt = checkpointing.Checkpoints(str(tmp_path / "ckpt"))
+  assert ckpt.save(1, state, FakeIterator(config), force=True)
+  ckpt.close()
+  ckpt = checkpointing.Checkpoints(str(tmp_path / "ckpt"))
+  restored, step = ckpt.restore(trainer.abstract_sharded_state(), FakeIterator(config))
+  ckpt.close()
+  assert step == 1 and restored.queues == {}
+  assert_trees_equal(state.params, restored.params)
+
+
 def test_split_micro_batches_keeps_answers_with_their_question():
   batch = {"video": np.arange(4)[:, None] * np.ones((4, 3)),
            "answer_ids": np.repeat(np.arange(4), 2)[:, None] * np.ones((8, 2)),

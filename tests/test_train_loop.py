@@ -108,6 +108,23 @@ def test_main_writes_metrics_plot_events_and_checkpoints(straight):
   assert f"done at step {STEPS}" in proc.stdout
 
 
+def test_finished_run_exports_its_final_params(straight):
+  """params/ + model_config.json in the workdir: what `--checkpoint` and init_checkpoint
+  read; equal to the last checkpoint's parameters."""
+  import orbax.checkpoint as ocp
+  from mplug2_jax.convert import checkpoints
+
+  workdir = straight[0]
+  exported = checkpoints.load_params(workdir)
+  assert checkpoints.load_model_config(workdir).task == "pretrain"
+  with ocp.StandardCheckpointer() as c:
+    saved = c.restore(os.path.join(workdir, "checkpoints", str(STEPS), "state"))["params"]
+  flat_a, flat_b = checkpoints.flatten(exported), checkpoints.flatten(saved)
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_array_equal(flat_a[k], np.asarray(flat_b[k]), err_msg=k)
+
+
 def test_sigterm_saves_and_the_resumed_run_matches_the_straight_run(straight, cache,
                                                                    tmp_path):
   want = losses(straight[0])
@@ -125,6 +142,7 @@ def test_sigterm_saves_and_the_resumed_run_matches_the_straight_run(straight, ca
   assert "preempted at step 1" in out, out + err[-3000:]
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
   assert not os.path.exists(os.path.join(workdir, "loss_curves.png"))
+  assert not os.path.exists(os.path.join(workdir, "params"))  # only a finished run exports
 
   proc = run(cache, workdir)
   assert "resumed from" in proc.stderr and "at step 1" in proc.stderr
@@ -135,15 +153,8 @@ def test_sigterm_saves_and_the_resumed_run_matches_the_straight_run(straight, ca
 @pytest.mark.slow
 def test_init_checkpoint_loads_converted_params(straight, cache, tmp_path):
   """config.init_checkpoint: an orbax params dir as `mplug2_jax.convert` writes it (here the
-  straight run's final parameters) initialises a fresh run."""
-  import orbax.checkpoint as ocp
-  import ml_collections
-  from mplug2_jax.convert import checkpoints
-
-  with ocp.StandardCheckpointer() as c:
-    trained = c.restore(os.path.join(straight[0], "checkpoints", str(STEPS), "state"))
-  init = checkpoints.save_params(str(tmp_path / "init"), trained["params"],
-                                 ml_collections.ConfigDict({"task": "pretrain"}))
+  straight run's workdir, which exports its final parameters) initialises a fresh run."""
+  init = straight[0]
   workdir = str(tmp_path / "from_init")
   proc = run(cache, workdir, f"--config.init_checkpoint={init}", "--config.total_steps=1")
   assert "parameters loaded, 0 kept from init" in proc.stderr, proc.stderr[-3000:]

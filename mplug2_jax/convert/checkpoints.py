@@ -132,7 +132,8 @@ def save_params(directory: str | pathlib.Path, params: dict,
   directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory / PARAMS_DIR, params, force=True)
-  (directory / MODEL_CONFIG_FILE).write_text(model_config.to_json(indent=2))
+  if jax.process_index() == 0:
+    (directory / MODEL_CONFIG_FILE).write_text(model_config.to_json(indent=2))
   return directory
 
 

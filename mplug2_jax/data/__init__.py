@@ -35,6 +35,8 @@ def default_data_config() -> ml_collections.ConfigDict:
                                 # num_frames (official image-as-video; needed to mix with video)
   d.randaug = True              # TemporalConsistentRandomAugment(2, 5) (official --no_randaug off)
   d.crop_scale = (0.5, 1.0)     # RandomResizedCrop scale range
+  d.hflip = True                # random horizontal flip p 0.5 (official); False when the
+                                # text names left / right (the demo's motion captions)
   # Captioning (spec mplug2.md 6.1; defaults reproduce the official behaviour exactly).
   d.caption_prompt = "a video of"
   d.caption_prompt_join = ""    # official: no space ("a video ofa man..."); " " = intended

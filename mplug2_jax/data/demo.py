@@ -114,7 +114,7 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.nda
 def render_clip(rng: np.random.Generator, colour: str, shape: str, direction: str,
                 size: int, frames: int) -> np.ndarray:
   """uint8 (frames, size, size, 3): the shape crosses most of the frame in `direction`."""
-  r = size * rng.uniform(0.12, 0.18)
+  r = size * rng.uniform(0.2, 0.28)   # large enough to see at the 32 px the demo trains at
   dx, dy = DIRECTIONS[direction]
   travel = size - 2 * r - 4
   # Start on the side the motion comes from; random position on the other axis.

@@ -318,15 +318,18 @@ def temporal_random_augment(clip: np.ndarray, rng: np.random.Generator, n: int =
 
 
 def train_transform(clip: np.ndarray, size: int, rng: np.random.Generator,
-                    randaug: bool = True, scale=(0.5, 1.0)) -> np.ndarray:
+                    randaug: bool = True, scale=(0.5, 1.0), hflip: bool = True) -> np.ndarray:
   """RandomResizedCrop (bicubic, truncation) -> flip p 0.5 -> RandAugment -> int32 clip.
+
+  `hflip` False skips the flip (text that names left and right would be mislabelled);
+  the random draw is made either way, so the other augmentations do not change.
 
   With RandAugment the clip is cast to uint8 first, so out-of-range bicubic values wrap
   around as in the official `.astype(np.uint8)`; without it they are kept as they are.
   """
   top, left, ch, cw = random_resized_crop_box(clip.shape[1], clip.shape[2], rng, scale)
   out = resize_bicubic_trunc(clip[:, top:top + ch, left:left + cw], size, size)
-  if rng.random() < 0.5:
+  if rng.random() < 0.5 and hflip:
     out = out[:, :, ::-1]
   if randaug:
     out = temporal_random_augment(out.astype(np.uint8), rng)  # int -> uint8 wraps mod 256

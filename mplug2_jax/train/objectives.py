@@ -175,7 +175,11 @@ def _itc_itm_mlm(module: mplug2.Mplug2, batch, feats_m, queues, rngs, c, task):
   aux["temp"] = temp
   pair_ids = batch["image_ids"]
   image_feat_m, text_feat_m = feats_m
-  qi, qt, qids = queues["image"], queues["text"], queues["ids"]
+  if queues:
+    qi, qt, qids = queues["image"], queues["text"], queues["ids"]
+  else:  # no queue: the momentum features of the batch are the only keys
+    qi = qt = jnp.zeros((0, image_feat.shape[-1]), image_feat.dtype)
+    qids = jnp.zeros((0,), pair_ids.dtype)
   out["itc"], (sim_i2t, sim_t2i) = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
                                             pair_ids, qi, qt, qids, temp, c.alpha)
 
@@ -285,10 +289,12 @@ def compute(model: mplug2.Mplug2, params, ema_params, queues, batch, rng,
 
 
 def init_queues(rng, size: int, dim: int) -> dict:
-  """Official init: random unit features, ids -100 (never a positive), pointer 0."""
+  """Official init: random unit features, ids -100 (never a positive), pointer 0.
+
+  `size` 0: no queue ({}; ITC over the global batch only). Nothing zero-sized is stored,
+  since checkpoints cannot hold zero-size arrays."""
   if not size:
-    return {"image": jnp.zeros((0, dim)), "text": jnp.zeros((0, dim)),
-            "ids": jnp.zeros((0,), jnp.int32), "ptr": jnp.zeros((), jnp.int32)}
+    return {}
   k1, k2 = jax.random.split(rng)
   unit = lambda k: (lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True))(
       jax.random.normal(k, (size, dim), jnp.float32))
@@ -298,9 +304,9 @@ def init_queues(rng, size: int, dim: int) -> dict:
 
 def enqueue(queues: dict, image_feat, text_feat, ids) -> dict:
   """Writes the global batch of momentum features at `ptr` (size % batch == 0)."""
-  size = queues["ids"].shape[0]
-  if not size:
+  if not queues:
     return queues
+  size = queues["ids"].shape[0]
   ptr = queues["ptr"]
   upd = lambda q, x: jax.lax.dynamic_update_slice_in_dim(q, x.astype(q.dtype), ptr, axis=0)
   return {"image": upd(queues["image"], image_feat), "text": upd(queues["text"], text_feat),

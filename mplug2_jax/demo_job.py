@@ -1,0 +1,229 @@
+r"""The README main job: demo data -> tiny pretraining -> fine-tuning -> evaluation table.
+
+  python -m mplug2_jax.demo_job --workdir workdirs/demo
+
+On 2 CPU cores, about 10 minutes (figures in docs/training.md):
+  1. the embedded demo dataset (`mplug2_jax.data.demo`) in WORKDIR/data, unless present;
+  2. pretraining of the tiny model, ITC + ITM + MLM + captioning (`configs/demo.py`),
+     in WORKDIR/pretrain;
+  3. fine-tuning from it for captioning (WORKDIR/caption) and video QA (WORKDIR/videoqa);
+  4. evaluation on the held-out split (`configs/eval/demo.py`) of the trained models and
+     of the untrained (randomly initialised) model: text-to-video retrieval (zero-shot
+     from the pretrained model), captioning and QA;
+  5. the table, printed and written to WORKDIR/results.md (+ results.json), beside chance:
+     retrieval R@K = K / number of videos; captioning = a random training caption per
+     test video, scored the same way; QA = the majority training answer.
+
+Every stage is resumable: a finished stage (its exported params/) is skipped, an
+interrupted training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import pathlib
+import random
+import sys
+import time
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "everything goes here")
+_DATA = flags.DEFINE_string("data", "", "demo dataset dir (default WORKDIR/data; built if "
+                            "missing)")
+_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 0, "0 = configs/demo.py default")
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 0, "0 = configs/demo.py default")
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TRAIN_CONFIG = REPO / "configs" / "demo.py"
+EVAL_CONFIG = REPO / "configs" / "eval" / "demo.py"
+# (row label, eval task, metric key, trained model's stage)
+ROWS = (("text-to-video R@1", "retrieval", "t2v_R1", "pretrain"),
+        ("text-to-video R@5", "retrieval", "t2v_R5", "pretrain"),
+        ("text-to-video R@10", "retrieval", "t2v_R10", "pretrain"),
+        ("caption BLEU-4", "caption", "Bleu_4", "caption"),
+        ("caption CIDEr", "caption", "CIDEr", "caption"),
+        ("QA accuracy", "videoqa", "accuracy", "videoqa"))
+
+
+def load_config(path: pathlib.Path, arg: str):
+  """`get_config(arg)` of a config file (as `--config path:arg` would)."""
+  spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def is_exported(directory: pathlib.Path) -> bool:
+  from mplug2_jax.convert import checkpoints
+
+  return (directory / checkpoints.MODEL_CONFIG_FILE).exists() and (
+      directory / checkpoints.PARAMS_DIR).exists()
+
+
+# --------------------------------------------------------------------------------------
+# Stages.
+# --------------------------------------------------------------------------------------
+
+
+def train_stage(work: pathlib.Path, data: str, task: str, init: str, steps: int) -> pathlib.Path:
+  from mplug2_jax import config_lib
+  from mplug2_jax.train import loop
+
+  out = work / task
+  if is_exported(out):
+    print(f"== {task}: already trained ({out})", flush=True)
+    return out
+  arg = f"data={data},task={task}" + (f",init={init}" if init else "") + (
+      f",steps={steps}" if steps else "")
+  config = load_config(TRAIN_CONFIG, arg)
+  config_lib.validate(config)
+  print(f"== {task}: training {config.total_steps} steps -> {out}", flush=True)
+  start = time.time()
+  summary = loop.train(config, str(out))
+  if summary["status"] != "done":
+    raise RuntimeError(f"{task} training stopped ({summary['status']}) at step "
+                       f"{summary['step']}; rerun to resume")
+  print(f"== {task}: done in {time.time() - start:.0f}s; loss curves {summary['plot']}",
+        flush=True)
+  return out
+
+
+def untrained_checkpoint(work: pathlib.Path, data: str) -> pathlib.Path:
+  """The randomly initialised pretraining model (seed of configs/demo.py), exported."""
+  import jax
+  import flax.linen as nn
+
+  from mplug2_jax.convert import checkpoints
+  from mplug2_jax.models import mplug2
+
+  out = work / "untrained"
+  if not is_exported(out):
+    config = load_config(TRAIN_CONFIG, f"data={data}")
+    model = mplug2.build(config.model)
+    variables = jax.jit(model.init)(
+        {"params": jax.random.key(config.seed), "dropout": jax.random.key(config.seed)},
+        mplug2.dummy_batch(config.model, 1, config.text_length))
+    checkpoints.save_params(out, nn.meta.unbox(variables["params"]), config.model)
+  return out
+
+
+def evaluate_stage(work: pathlib.Path, data: str, name: str, task: str,
+                   checkpoint: pathlib.Path) -> dict:
+  from mplug2_jax.evaluate import runner as evaluate
+
+  out = work / "eval" / name / task
+  done = out / "metrics.json"
+  if done.exists() and done.stat().st_mtime >= (checkpoint / "model_config.json").stat().st_mtime:
+    return json.loads(done.read_text())["metrics"]
+  print(f"== evaluating {name} {task} ({checkpoint})", flush=True)
+  config = load_config(EVAL_CONFIG, f"task={task},data={data}")
+  _, metrics = evaluate.run(config, str(checkpoint), str(out), log=lambda m: print(m, flush=True))
+  return metrics
+
+
+# --------------------------------------------------------------------------------------
+# Chance baselines.
+# --------------------------------------------------------------------------------------
+
+
+def _jsonl(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def chance(data: str, eval_metrics: dict) -> dict:
+  """{(task, metric): value} of the chance baselines described in the module docstring."""
+  from mplug2_jax.evaluate import metrics
+
+  raw = os.path.join(data, "raw")
+  out = {}
+  num_videos = eval_metrics["retrieval"]["num_videos"]
+  for k in (1, 5, 10):
+    out[("retrieval", f"t2v_R{k}")] = 100.0 * min(k, num_videos) / num_videos
+  train_captions = [c for r in _jsonl(os.path.join(raw, "video_caption_train.jsonl"))
+                    for c in ([r["caption"]] if isinstance(r["caption"], str) else r["caption"])]
+  test = _jsonl(os.path.join(raw, "video_caption_test.jsonl"))
+  pick = random.Random(0)
+  scores = metrics.caption_metrics(
+      {str(i): pick.choice(train_captions) for i in range(len(test))},
+      {str(i): r["golden_captions"] for i, r in enumerate(test)})
+  out[("caption", "Bleu_4")], out[("caption", "CIDEr")] = scores["Bleu_4"], scores["CIDEr"]
+  answers = collections.Counter(r["answer"] for r in _jsonl(os.path.join(raw, "video_qa_train.jsonl")))
+  majority = answers.most_common(1)[0][0]
+  test_answers = [r["answer"] for r in _jsonl(os.path.join(raw, "video_qa_test.jsonl"))]
+  out[("videoqa", "accuracy")] = metrics.exact_match_accuracy([majority] * len(test_answers),
+                                                               test_answers)
+  return out
+
+
+# --------------------------------------------------------------------------------------
+# The table.
+# --------------------------------------------------------------------------------------
+
+
+def table(trained: dict, untrained: dict, baseline: dict) -> list[tuple[str, float, float, float]]:
+  return [(label, trained[task][key], untrained[task][key], baseline[(task, key)])
+          for label, task, key, _ in ROWS]
+
+
+def markdown(rows, wall: float, work: pathlib.Path) -> str:
+  lines = ["# mPLUG-2 tiny on the demo dataset: held-out results", "",
+           "| metric | trained | untrained | chance |", "|---|---:|---:|---:|"]
+  lines += [f"| {label} | {a:.2f} | {b:.2f} | {c:.2f} |" for label, a, b, c in rows]
+  lines += ["", "Recall in %, QA accuracy in %, BLEU-4 and CIDEr as pycocoevalcap reports them "
+            "(fractions). Chance: R@K = K / videos; captioning = a random training caption per "
+            "test video; QA = the majority training answer.", "",
+            f"Wall time of the job: {wall / 60:.1f} min. Loss curves: "
+            f"`{work / 'pretrain' / 'loss_curves.png'}` (pretraining), "
+            f"`{work / 'caption' / 'loss_curves.png'}`, `{work / 'videoqa' / 'loss_curves.png'}`."]
+  return "\n".join(lines) + "\n"
+
+
+def run(work: pathlib.Path, data: str = "", pretrain_steps: int = 0,
+        finetune_steps: int = 0) -> list:
+  from mplug2_jax.data import demo
+
+  start = time.time()
+  work.mkdir(parents=True, exist_ok=True)
+  data = os.path.abspath(data or str(work / "data"))
+  if not os.path.isdir(os.path.join(data, "video_qa")):
+    print(f"== demo dataset -> {data}", flush=True)
+    demo.make_demo(data)
+  pre = train_stage(work, data, "pretrain", "", pretrain_steps)
+  stages = {"pretrain": pre,
+            "caption": train_stage(work, data, "caption", str(pre), finetune_steps),
+            "videoqa": train_stage(work, data, "videoqa", str(pre), finetune_steps)}
+  untrained = untrained_checkpoint(work, data)
+  trained_metrics, untrained_metrics = {}, {}
+  for task, stage in (("retrieval", "pretrain"), ("caption", "caption"),
+                      ("videoqa", "videoqa")):
+    trained_metrics[task] = evaluate_stage(work, data, "trained", task, stages[stage])
+    untrained_metrics[task] = evaluate_stage(work, data, "untrained", task, untrained)
+  rows = table(trained_metrics, untrained_metrics, chance(data, trained_metrics))
+  wall = time.time() - start
+  width = max(len(r[0]) for r in rows)
+  print(f"\n{'metric':<{width}}  {'trained':>9}  {'untrained':>9}  {'chance':>9}")
+  for label, a, b, c in rows:
+    print(f"{label:<{width}}  {a:>9.2f}  {b:>9.2f}  {c:>9.2f}")
+  (work / "results.md").write_text(markdown(rows, wall, work))
+  (work / "results.json").write_text(json.dumps(
+      {"rows": [dict(metric=r[0], trained=r[1], untrained=r[2], chance=r[3]) for r in rows],
+       "trained": trained_metrics, "untrained": untrained_metrics, "wall_seconds": wall},
+      indent=1))
+  print(f"\nresults: {work / 'results.md'} ({wall / 60:.1f} min)", flush=True)
+  return rows
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # library INFO chatter; progress is printed
+  run(pathlib.Path(_WORKDIR.value).absolute(), _DATA.value, _PRETRAIN_STEPS.value,
+      _FINETUNE_STEPS.value)
+
+
+if __name__ == "__main__":
+  app.run(main, argv=sys.argv)

@@ -1,0 +1,103 @@
+"""Evaluation of one task from a checkpoint: predictions, metrics JSON and the table.
+
+The library side of `python -m mplug2_jax.evaluate` (evaluate/__main__.py), also called
+in-process by the demo job. Output files per task: see evaluate/__main__.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+RESULT_FILES = {"caption": "caption_result.json", "videoqa": "qa_result.json",
+                "retrieval": "retrieval_result.json",
+                "classification": "classification_result.json",
+                "grounding": "grounding_result.json"}
+
+
+def metric_table(metrics: dict, paper: dict | None = None) -> str:
+  """Aligned `metric  ours  paper` lines (nested dicts flattened with '/')."""
+  flat = {}
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(f"{prefix}{k}/", v)
+      elif isinstance(v, (int, float)):
+        flat[prefix + k] = v
+
+  walk("", metrics)
+  paper = dict(paper or {})
+  width = max([len(k) for k in flat] + [6])
+  lines = [f"{'metric':<{width}}  {'ours':>10}  {'paper':>10}"]
+  for k, v in flat.items():
+    p = paper.get(k)
+    p = "" if p is None else (f"{p:.4g}" if isinstance(p, (int, float)) else str(p))
+    lines.append(f"{k:<{width}}  {v:>10.4f}  {p:>10}")
+  return "\n".join(lines)
+
+
+def write_outputs(workdir: str | os.PathLike, task: str, rows: list, metrics: dict,
+                  config, seconds: float) -> pathlib.Path:
+  out = pathlib.Path(workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+  (out / RESULT_FILES[task]).write_text(json.dumps(rows, indent=1))
+  if task == "videoqa" and config.eval.submission:
+    (out / "vqa_result.json").write_text(json.dumps(
+        [{"question_id": r["question_id"], "answer": r["pred_answer"]} for r in rows]))
+  if task == "grounding":
+    with open(out / "eval_log.txt", "a", encoding="utf-8") as f:
+      f.write(json.dumps({f"{config.eval.split}_set_accuracy": metrics["accuracy_iou50"]})
+              + "\n")
+  (out / "metrics.json").write_text(json.dumps(
+      {"task": task, "metrics": metrics, "paper": config.paper.to_dict(),
+       "seconds": seconds, "config": json.loads(config.to_json())}, indent=2))
+  return out
+
+
+def run(config, checkpoint: str, workdir: str | None, log=print) -> tuple[list, dict]:
+  import jax
+  import ml_collections
+
+  from mplug2_jax.convert import checkpoints
+  from mplug2_jax.data import pipeline
+  from mplug2_jax.evaluate import tasks
+
+  task = config.task
+  ckpt = pathlib.Path(checkpoint)
+  config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+  if (ckpt / checkpoints.MODEL_CONFIG_FILE).exists():
+    config.model = checkpoints.load_model_config(ckpt)
+  model_cfg = config.model
+  from mplug2_jax.models import mplug2
+  needed = mplug2.TASK_MODULES[tasks.MODEL_TASK[task]]
+  have = mplug2.TASK_MODULES.get(model_cfg.task, set())
+  if not needed <= have:  # e.g. a pre-trained model serves zero-shot retrieval
+    raise ValueError(f"{ckpt} holds a {model_cfg.task!r} model without {sorted(needed - have)}"
+                     f", which the {task} evaluation needs")
+  if not config.data.mixture:
+    raise ValueError("config.data.mixture is empty: pass --config FILE:data=DIR (a dataset "
+                     "built with python -m mplug2_jax.data.build)")
+  if not config.eval.vocab_file:
+    config.eval.vocab_file = config.data.vocab_file
+    config.eval.tokenizer = config.data.tokenizer
+  if task == "retrieval":  # all_texts reads every caption of the split's records
+    config.eval.text_datasets = tuple(p for p, _ in config.data.mixture)
+    config.eval.text_words = config.data.text_words
+    config.eval.max_text_len = config.data.max_text_len
+  log(f"loading {ckpt} ...")
+  params = checkpoints.load_params(ckpt)
+  iterator = pipeline.make_iterator(config.data, split=config.eval.split,
+                                    batch_size=config.eval.batch_size, model_cfg=model_cfg)
+  start = time.time()
+  rows, metrics = tasks.evaluate(task, model_cfg, params, iterator, config.eval, log=log)
+  seconds = time.time() - start
+  if jax.process_index() == 0:
+    workdir = workdir or str(ckpt / "eval" / task)
+    out = write_outputs(workdir, task, rows, metrics, config, seconds)
+    log(metric_table(metrics, config.paper.to_dict()))
+    log(f"{len(rows)} predictions and metrics.json in {out} ({seconds:.1f}s)")
+  return rows, metrics
