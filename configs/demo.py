@@ -17,7 +17,7 @@ Arguments (comma-separated key=value after the colon):
                   video_qa/)
   task=T          pretrain | caption | videoqa
   init=DIR        initial parameters (orbax params dir + model_config.json); "" = scratch
-  steps=N         optimizer steps (default: pretrain 300, fine-tuning 150)
+  steps=N         optimizer steps (default: pretrain 400, fine-tuning 150)
   images=W        pretraining mixing weight of the image-text pairs (0 = videos only)
   image_size=P    input resolution (default 32; the demo clips are 64 px)
   synthetic=1     random inputs instead of the dataset (no data needed; tests, timing)
@@ -61,7 +61,7 @@ def get_config(arg=None):
 
   config.batch_size = a.batch      # global batch
   config.text_length = 16          # = the data's text lengths (shapes for init and FLOPs)
-  config.total_steps = a.steps or (300 if pretrain else 150)
+  config.total_steps = a.steps or (400 if pretrain else 150)
 
   d = config.data
   d.task = a.task
