@@ -48,6 +48,13 @@ def batch_sharding(mesh: Mesh, config: ml_collections.ConfigDict) -> NamedShardi
   return NamedSharding(mesh, P(axes))
 
 
+def batch_ways(mesh: Mesh, config: ml_collections.ConfigDict) -> int:
+  """Into how many slices `batch_sharding` splits a batch."""
+  axes = dict(rules(config))["activation_batch"]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> tuple[P, list[int]]:
   """Drops mesh axes that do not divide their dimension; returns the dims replicated."""
   fitted, dropped = [], []

@@ -238,7 +238,7 @@ def tiny_params(task):
   return _PARAMS[task]
 
 
-def iterator(paths, kind, task, batch=4, index=0, count=1, **data):
+def iterator(paths, kind, task, batch=4, index=0, count=1, sharding=None, **data):
   from mplug2_jax.data import default_data_config, pipeline
 
   d = default_data_config()
@@ -251,7 +251,7 @@ def iterator(paths, kind, task, batch=4, index=0, count=1, **data):
   d.update(data)
   return pipeline.make_iterator(d, split="test", batch_size=batch,
                                 model_cfg=tiny_model("videoqa"), process_index=index,
-                                process_count=count)
+                                process_count=count, sharding=sharding)
 
 
 def settings(task, **kw):
@@ -332,6 +332,35 @@ def test_retrieval_end_to_end(demo_data):
 
 
 @needs_vocab
+def test_sharded_evaluation_equals_single_device(demo_data):
+  """8 devices (fsdp 4 x tensor 2): parameters sharded by the logical rules, each batch
+  split over the data axes; the predictions and metrics equal the one-device run."""
+  from mplug2_jax import config_lib, sharding
+
+  assert jax.device_count() == 8, "conftest must set 8 fake CPU devices"
+  rules = config_lib.base_config("tiny", "videoqa")
+  rules.mesh.shape = (1, 4, 2)
+  mesh = sharding.make_mesh(rules)
+  batches = sharding.batch_sharding(mesh, rules)
+  for task, kind, kw in (("videoqa", "video_qa", {}),
+                         ("retrieval", "video_retrieval", dict(retrieval_k=3, itm_chunk=8))):
+    cfg, params = tiny_params(task)
+    want_rows, want = tasks.evaluate(task, cfg, params, iterator(demo_data, kind, task, batch=8),
+                                     settings(task, **kw), log=None)
+    rows, got = tasks.evaluate(task, cfg, params,
+                               iterator(demo_data, kind, task, batch=8, sharding=batches),
+                               settings(task, **kw), log=None, mesh=mesh, rules_config=rules)
+    assert rows == want_rows, task
+    assert got.keys() == want.keys()
+    for k in got:
+      assert got[k] == pytest.approx(want[k], abs=1e-6), (task, k)
+  placed = tasks.place_params(params, cfg, mesh, rules)
+  leaves = jax.tree.leaves(placed)
+  assert all(x.sharding.mesh == mesh for x in leaves)
+  assert any(not x.sharding.is_fully_replicated for x in leaves)  # really split
+
+
+@needs_vocab
 def test_classification_and_grounding_end_to_end(demo_data):
   cfg, params = tiny_params("classification")
   rows, m = tasks.evaluate("classification", cfg, params,
@@ -392,8 +421,26 @@ def test_cli_end_to_end(demo_data, tmp_path):
   assert len(saved) == NUM_TEST
 
 
-EVAL_CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "configs", "eval", "*.py")))
+EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "eval")
+# Paper result rows (demo.py evaluates the demo dataset and has no paper number).
+EVAL_CONFIGS = sorted(p for p in glob.glob(os.path.join(EVAL_DIR, "*.py"))
+                      if os.path.basename(p) != "demo.py")
+
+
+def test_demo_eval_config_per_task():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("demo_eval", os.path.join(EVAL_DIR, "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for task, kind in module.DATASETS.items():
+    config = module.get_config(f"task={task},data=/d")
+    assert config.task == task and config.data.mixture == ((f"/d/{kind}", 1.0),)
+  assert module.get_config("task=retrieval").eval.all_texts
+  from mplug2_jax import config_lib
+  with pytest.raises(config_lib.ConfigError, match="demo eval task"):
+    module.get_config("task=grounding")
 
 
 @pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: os.path.basename(p)[:-3])

@@ -17,8 +17,10 @@ r"""Evaluation entry point: one paper result row from a checkpoint.
   every task      metrics.json {"metrics", "paper", "config", "seconds"}
 
 and prints the metric table beside the paper's numbers. Progress lines come from the
-evaluators. Multi-process: every process runs this command; each evaluates its share of
-the split, and process 0 writes the files (padding removed, each example counted once).
+evaluators. Devices: the parameters are sharded over the mesh of `config.mesh` by the
+logical rules and every batch is split over its data axes (`eval.batch_size` must divide
+by them). Multi-process: every process runs this command; each reads its share of the
+split, and process 0 writes the files (padding removed, each example counted once).
 """
 
 from __future__ import annotations

@@ -88,12 +88,24 @@ def run(config, checkpoint: str, workdir: str | None, log=print) -> tuple[list, 
     config.eval.text_datasets = tuple(p for p, _ in config.data.mixture)
     config.eval.text_words = config.data.text_words
     config.eval.max_text_len = config.data.max_text_len
+  # Every device of every process evaluates a slice of each batch (data axes of the mesh);
+  # the parameters are sharded by the logical rules, as in training.
+  from mplug2_jax import config_lib, sharding
+
+  mesh = sharding.make_mesh(config)
+  ways = sharding.batch_ways(mesh, config)
+  if config.eval.batch_size % ways:
+    raise config_lib.ConfigError("eval.batch_size", config.eval.batch_size,
+                                 f"not divisible by the {ways} data-parallel devices of mesh "
+                                 f"{dict(mesh.shape)}")
   log(f"loading {ckpt} ...")
   params = checkpoints.load_params(ckpt)
   iterator = pipeline.make_iterator(config.data, split=config.eval.split,
-                                    batch_size=config.eval.batch_size, model_cfg=model_cfg)
+                                    batch_size=config.eval.batch_size, model_cfg=model_cfg,
+                                    sharding=sharding.batch_sharding(mesh, config))
   start = time.time()
-  rows, metrics = tasks.evaluate(task, model_cfg, params, iterator, config.eval, log=log)
+  rows, metrics = tasks.evaluate(task, model_cfg, params, iterator, config.eval, log=log,
+                                 mesh=mesh, rules_config=config)
   seconds = time.time() - start
   if jax.process_index() == 0:
     workdir = workdir or str(ckpt / "eval" / task)

@@ -19,6 +19,7 @@ rows are gathered (`multihost_utils.process_allgather`), so every example counts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any, Callable, Iterable
@@ -96,14 +97,28 @@ def eval_config(task: str, **overrides) -> ml_collections.ConfigDict:
 
 def evaluate(task: str, model_cfg: ml_collections.ConfigDict, params, iterator: Iterable,
              eval_cfg: ml_collections.ConfigDict, *, tokenizer=None,
-             log: Callable[[str], None] | None = print) -> tuple[list[dict], dict]:
-  """Predictions (every process's rows, each example once) and metrics of `task`."""
+             log: Callable[[str], None] | None = print, mesh=None,
+             rules_config: ml_collections.ConfigDict | None = None) -> tuple[list[dict], dict]:
+  """Predictions (every process's rows, each example once) and metrics of `task`.
+
+  With `mesh` (and `rules_config`, a config holding `sharding_rules`), the parameters are
+  sharded over it by the logical rules and the model runs under them; the iterator should
+  then yield global batches sharded along the data axes (`make_iterator(...,
+  sharding=batch_sharding(mesh, config))`), so each device decodes its slice of the batch.
+  """
   log = log or (lambda *_: None)
-  rows, extra = predict(task, model_cfg, params, iterator, eval_cfg, tokenizer=tokenizer,
-                        log=log)
-  rows = allgather_rows(rows)
-  if task == "retrieval":
-    return _retrieval_finish(model_cfg, params, rows, extra, eval_cfg, log)
+  context = contextlib.nullcontext()
+  if mesh is not None:
+    from mplug2_jax import sharding
+
+    params = place_params(params, model_cfg, mesh, rules_config)
+    context = sharding.activate(mesh, rules_config)
+  with context:
+    rows, extra = predict(task, model_cfg, params, iterator, eval_cfg, tokenizer=tokenizer,
+                          log=log)
+    rows = allgather_rows(rows)
+    if task == "retrieval":
+      return _retrieval_finish(model_cfg, params, rows, extra, eval_cfg, log)
   return rows, score(task, rows, eval_cfg)
 
 
@@ -169,7 +184,7 @@ def _batches(iterator, eval_cfg, log, what: str):
   limit = int(eval_cfg.get("max_batches", 0) or 0)
   for batch in iterator:
     meta = list(getattr(iterator, "last_meta", None) or [{} for _ in batch["valid"]])
-    valid = np.asarray(batch["valid"]).astype(bool)
+    valid = host_rows(batch["valid"]).astype(bool)
     n += 1
     seen += int(valid.sum())
     yield batch, meta, valid
@@ -181,6 +196,48 @@ def _batches(iterator, eval_cfg, log, what: str):
       break
   log(f"[{what}] done: {n} batches, {seen} examples on process {jax.process_index()} "
       f"in {time.time() - start:.1f}s")
+
+
+def host_rows(x) -> np.ndarray:
+  """This process's rows of an array sharded along its first (batch) axis, in the order of
+  the process's local examples; a host array or a fully addressable jax.Array as it is.
+  (Multi-host: global batches are built from each process's local batch, so the local
+  rows are this process's addressable shards, by their offset; replicas appear once.)"""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start if shard.index else None
+    shards.setdefault(start or 0, shard.data)
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
+
+
+def place_params(params, model_cfg: ml_collections.ConfigDict, mesh, config) -> Any:
+  """Parameters -> global arrays sharded over `mesh` by the logical rules of `config`
+  (each process builds only its own shards). Leaves the model does not declare are
+  replicated; leaves that are already sharded jax.Arrays (the train loop's) stay as they
+  are."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from mplug2_jax import sharding
+  from mplug2_jax.train import optimizer as optimizer_lib
+
+  with sharding.activate(mesh, config):
+    boxed = sharding.abstract_params(mplug2.build(model_cfg), mplug2.dummy_batch(model_cfg, 1))
+    tree = sharding.logical_shardings(boxed, mesh, config)
+  by_path = {optimizer_lib.path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def one(path, x):
+    if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and (
+        x.sharding.mesh == mesh):
+      return x
+    value = np.asarray(x)
+    target = by_path.get(optimizer_lib.path_str(path), replicated)
+    return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+  return jax.tree_util.tree_map_with_path(one, params)
 
 
 def allgather_rows(rows: list[dict]) -> list[dict]:
@@ -241,7 +298,7 @@ def _predict_caption(model_cfg, params, iterator, cfg, tok, log):
 
   rows = []
   for batch, meta, valid in _batches(iterator, cfg, log, "caption"):
-    ids = np.asarray(generate(params, batch["video"]).ids)
+    ids = host_rows(generate(params, batch["video"]).ids)
     for i in np.flatnonzero(valid):
       text = tok.decode_prediction(ids[i].tolist())
       rows.append({"video_id": meta[i].get("id"),
@@ -319,8 +376,8 @@ def _predict_videoqa(model_cfg, params, iterator, cfg, tok, log):
 
   rows = []
   for batch, meta, valid in _batches(iterator, cfg, log, "videoqa"):
-    out = np.asarray(run(params, batch["video"], batch["text_ids"], batch["text_mask"]))
-    qids = np.asarray(batch["question_id"])
+    out = host_rows(run(params, batch["video"], batch["text_ids"], batch["text_mask"]))
+    qids = host_rows(batch["question_id"])
     for i in np.flatnonzero(valid):
       pred = answers[int(out[i])] if rank else tok.decode_prediction(out[i].tolist())
       rows.append({"question_id": int(qids[i]), "video_id": meta[i].get("id"),
@@ -369,9 +426,9 @@ def _predict_retrieval(model_cfg, params, iterator, cfg, tok, log):
   for batch, meta, valid in _batches(iterator, cfg, log, "retrieval"):
     out = features(params, batch["video"], batch["text_ids"], batch["text_mask"])
     for key, value in zip(("image_feat", "text_feat", "image_states", "text_states"), out):
-      parts[key].append(np.asarray(value))
-    parts["text_mask"].append(np.asarray(batch["text_mask"]))
-    parts["image_ids"].append(np.asarray(batch["image_ids"]))
+      parts[key].append(host_rows(value))
+    parts["text_mask"].append(host_rows(batch["text_mask"]))
+    parts["image_ids"].append(host_rows(batch["image_ids"]))
     parts["valid"].append(valid)
     rows += [{"video_id": meta[i].get("id")} for i in np.flatnonzero(valid)]
   feats = {k: np.concatenate(v) for k, v in parts.items()}
@@ -423,8 +480,8 @@ def _all_text_features(model_cfg, params, video_names, cfg, log):
   mask_p = np.concatenate([mask, np.repeat(mask[:1], pad, 0)])
   outs = [features(params, ids_p[i:i + batch], mask_p[i:i + batch])
           for i in range(0, len(ids_p), batch)]
-  feat = np.concatenate([np.asarray(o[0]) for o in outs])[:len(ids)]
-  states = np.concatenate([np.asarray(o[1]) for o in outs])[:len(ids)]
+  feat = np.concatenate([host_rows(o[0]) for o in outs])[:len(ids)]
+  states = np.concatenate([host_rows(o[1]) for o in outs])[:len(ids)]
   log(f"[retrieval] {len(texts)} texts of {len(video_names)} videos")
   return feat, states, mask, np.asarray(text_to_video)
 
@@ -467,7 +524,7 @@ def _retrieval_finish(model_cfg, params, rows, feats, cfg, log):
 
     start = time.time()
     scores_t2v, scores_v2t = metrics.itm_rerank(
-        sim, int(cfg.retrieval_k), lambda t, v: np.asarray(itm_scores(params, t, v)),
+        sim, int(cfg.retrieval_k), lambda t, v: host_rows(itm_scores(params, t, v)),
         chunk=int(cfg.itm_chunk))
     log(f"[retrieval] ITM re-ranking of the top {cfg.retrieval_k} in {time.time() - start:.1f}s")
     out["itm"] = metrics.retrieval_metrics(scores_t2v, text_to_video, scores_v2t)
@@ -491,8 +548,8 @@ def _predict_classification(model_cfg, params, iterator, cfg, tok, log):
   classify = jax.jit(_apply(model, mplug2.Mplug2.classify))
   rows = []
   for batch, meta, valid in _batches(iterator, cfg, log, "classification"):
-    logits = np.asarray(classify(params, batch["video"]))
-    labels = np.asarray(batch["labels"])
+    logits = host_rows(classify(params, batch["video"]))
+    labels = host_rows(batch["labels"])
     for i in np.flatnonzero(valid):
       top = np.argsort(-logits[i], kind="stable")[:5]
       rows.append({"video_id": meta[i].get("id"), "label": int(labels[i]),
@@ -533,8 +590,8 @@ def _predict_grounding(model_cfg, params, iterator, cfg, tok, log):
 
   rows = []
   for batch, meta, valid in _batches(iterator, cfg, log, "grounding"):
-    boxes = np.asarray(run(params, batch["video"], batch["text_ids"], batch["text_mask"]))
-    gold = np.asarray(batch["boxes"])
+    boxes = host_rows(run(params, batch["video"], batch["text_ids"], batch["text_mask"]))
+    gold = host_rows(batch["boxes"])
     for i in np.flatnonzero(valid):
       rows.append({"id": meta[i].get("id"), "pred_box": boxes[i].tolist(),
                    "gold_box": gold[i].tolist()})

@@ -259,7 +259,7 @@ def load_init_params(directory: str, trainer: state_lib.Trainer, params: Any) ->
   return out
 
 
-def make_evaluator(config: ml_collections.ConfigDict):
+def make_evaluator(config: ml_collections.ConfigDict, mesh=None):
   """The in-loop evaluation: params -> {"eval/<metric>": value}, or None when off.
 
   On when `config.eval_every_steps` > 0: every that many steps (and at the last step) the
@@ -286,11 +286,18 @@ def make_evaluator(config: ml_collections.ConfigDict):
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   data_cfg.task = task
 
+  if mesh is not None and int(eval_cfg.batch_size) % sharding.batch_ways(mesh, config):
+    from mplug2_jax import config_lib
+    raise config_lib.ConfigError("eval.batch_size", eval_cfg.batch_size, "not divisible by "
+                                 f"the data-parallel devices of mesh {dict(mesh.shape)}")
+
   def evaluate(params) -> dict[str, float]:
-    iterator = pipeline.make_iterator(data_cfg, split=config.data.eval_split,
-                                      batch_size=int(eval_cfg.batch_size),
-                                      model_cfg=config.model)
-    _, metrics = tasks.evaluate(task, config.model, params, iterator, eval_cfg, log=None)
+    iterator = pipeline.make_iterator(
+        data_cfg, split=config.data.eval_split, batch_size=int(eval_cfg.batch_size),
+        model_cfg=config.model,
+        sharding=None if mesh is None else sharding.batch_sharding(mesh, config))
+    _, metrics = tasks.evaluate(task, config.model, params, iterator, eval_cfg, log=None,
+                                mesh=mesh, rules_config=config)
     return {f"eval/{k}": float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and k != "num"}
 
@@ -430,7 +437,7 @@ def _train(config, workdir, stop_after, guard) -> dict[str, Any]:
       logging.info("training from scratch (seed %d)", int(config.seed))
 
   # ================================================================== loop
-  evaluator = make_evaluator(config)
+  evaluator = make_evaluator(config, mesh)
   eval_every = int(config.get("eval_every_steps", 0) or 0)
   writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
   max_nonfinite = int(config.get("max_nonfinite_steps", 0))
