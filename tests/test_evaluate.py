@@ -421,6 +421,50 @@ def test_cli_end_to_end(demo_data, tmp_path):
   assert len(saved) == NUM_TEST
 
 
+@pytest.mark.slow
+@needs_vocab
+def test_cli_two_processes_equal_one_process(demo_data, tmp_path):
+  """python -m mplug2_jax.evaluate as 2 processes x 1 CPU device (jax.distributed from the
+  JAX_* environment) writes the same predictions and metrics as 1 process x 2 devices:
+  every question once, padding dropped, the batch split over both devices."""
+  import socket
+  from mplug2_jax.convert import checkpoints
+
+  cfg, params = tiny_params("videoqa")
+  ckpt = checkpoints.save_params(tmp_path / "ckpt", params, cfg)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  arg = f"size=tiny,data={demo_data['video_qa']},vocab={VOCABS[0]},batch=4"
+
+  def command(out):
+    return [sys.executable, "-m", "mplug2_jax.evaluate",
+            f"--config={repo}/configs/eval/msrvtt_qa.py:{arg}", f"--checkpoint={ckpt}",
+            f"--workdir={out}", "--config.data.max_question_len=12"]
+
+  def env(devices, **extra):
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+
+  one = subprocess.run(command(tmp_path / "one"), cwd=repo, env=env(2), capture_output=True,
+                       text=True, timeout=900)
+  assert one.returncode == 0, one.stderr[-3000:]
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  procs = [subprocess.Popen(command(tmp_path / "two"), cwd=repo, env=env(
+      1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  read = lambda d: sorted(json.loads((tmp_path / d / "qa_result.json").read_text()),
+                          key=lambda r: r["question_id"])
+  assert [r["question_id"] for r in read("two")] == list(range(3 * NUM_TEST))
+  assert read("two") == read("one")
+  metric = lambda d: json.loads((tmp_path / d / "metrics.json").read_text())["metrics"]
+  assert metric("two") == metric("one")
+
+
 EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "configs", "eval")
 # Paper result rows (demo.py evaluates the demo dataset and has no paper number).

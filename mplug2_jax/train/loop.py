@@ -271,6 +271,9 @@ def make_evaluator(config: ml_collections.ConfigDict, mesh=None):
   every = int(config.get("eval_every_steps", 0) or 0)
   if not every:
     return None
+  if config.get("synthetic_data", False):
+    logging.info("in-loop evaluation off: synthetic data has no held-out split")
+    return None
   from mplug2_jax.data import pipeline
   from mplug2_jax.evaluate import tasks
 
