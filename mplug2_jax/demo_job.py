@@ -6,13 +6,15 @@ On 2 CPU cores, about 10 minutes (figures in docs/training.md):
   1. the embedded demo dataset (`mplug2_jax.data.demo`) in WORKDIR/data, unless present;
   2. pretraining of the tiny model, ITC + ITM + MLM + captioning (`configs/demo.py`),
      in WORKDIR/pretrain;
-  3. fine-tuning from it for captioning (WORKDIR/caption) and video QA (WORKDIR/videoqa);
+  3. fine-tuning from it for captioning (WORKDIR/caption), video QA (WORKDIR/videoqa) and
+     classification of the motion direction (WORKDIR/classification);
   4. evaluation on the held-out split (`configs/eval/demo.py`) of the trained models and
      of the untrained (randomly initialised) model: text-to-video retrieval (zero-shot
-     from the pretrained model), captioning and QA;
+     from the pretrained model), captioning, QA and classification;
   5. the table, printed and written to WORKDIR/results.md (+ results.json), beside chance:
      retrieval R@K = K / number of videos; captioning = a random training caption per
-     test video, scored the same way; QA = the majority training answer.
+     test video, scored the same way; QA / classification = the majority training answer /
+     label.
 
 Every stage is resumable: a finished stage (its exported params/) is skipped, an
 interrupted training resumes from its last checkpoint.
@@ -46,7 +48,8 @@ ROWS = (("text-to-video R@1", "retrieval", "t2v_R1", "pretrain"),
         ("text-to-video R@10", "retrieval", "t2v_R10", "pretrain"),
         ("caption BLEU-4", "caption", "Bleu_4", "caption"),
         ("caption CIDEr", "caption", "CIDEr", "caption"),
-        ("QA accuracy", "videoqa", "accuracy", "videoqa"))
+        ("QA accuracy", "videoqa", "accuracy", "videoqa"),
+        ("direction top-1", "classification", "top1", "classification"))
 
 
 def load_config(path: pathlib.Path, arg: str):
@@ -92,17 +95,18 @@ def train_stage(work: pathlib.Path, data: str, task: str, init: str, steps: int)
   return out
 
 
-def untrained_checkpoint(work: pathlib.Path, data: str) -> pathlib.Path:
-  """The randomly initialised pretraining model (seed of configs/demo.py), exported."""
+def untrained_checkpoint(work: pathlib.Path, data: str, task: str = "pretrain") -> pathlib.Path:
+  """The randomly initialised model of `task` (seed of configs/demo.py), exported. The
+  pretraining model serves retrieval, captioning and QA; classification has its own head."""
   import jax
   import flax.linen as nn
 
   from mplug2_jax.convert import checkpoints
   from mplug2_jax.models import mplug2
 
-  out = work / "untrained"
+  out = work / ("untrained" if task == "pretrain" else f"untrained_{task}")
   if not is_exported(out):
-    config = load_config(TRAIN_CONFIG, f"data={data}")
+    config = load_config(TRAIN_CONFIG, f"data={data},task={task}")
     model = mplug2.build(config.model)
     variables = jax.jit(model.init)(
         {"params": jax.random.key(config.seed), "dropout": jax.random.key(config.seed)},
@@ -157,6 +161,11 @@ def chance(data: str, eval_metrics: dict) -> dict:
   test_answers = [r["answer"] for r in _jsonl(os.path.join(raw, "video_qa_test.jsonl"))]
   out[("videoqa", "accuracy")] = metrics.exact_match_accuracy([majority] * len(test_answers),
                                                                test_answers)
+  labels = lambda split: [line.split(",")[0] for line in open(
+      os.path.join(raw, f"video_classification_{split}.csv"), encoding="utf-8").readlines()[1:]]
+  majority = collections.Counter(labels("train")).most_common(1)[0][0]
+  out[("classification", "top1")] = metrics.exact_match_accuracy(
+      [majority] * len(labels("test")), labels("test"))
   return out
 
 
@@ -174,12 +183,13 @@ def markdown(rows, wall: float, work: pathlib.Path) -> str:
   lines = ["# mPLUG-2 tiny on the demo dataset: held-out results", "",
            "| metric | trained | untrained | chance |", "|---|---:|---:|---:|"]
   lines += [f"| {label} | {a:.2f} | {b:.2f} | {c:.2f} |" for label, a, b, c in rows]
-  lines += ["", "Recall in %, QA accuracy in %, BLEU-4 and CIDEr as pycocoevalcap reports them "
+  lines += ["", "Recall in %, QA accuracy and top-1 in %, BLEU-4 and CIDEr as pycocoevalcap reports them "
             "(fractions). Chance: R@K = K / videos; captioning = a random training caption per "
-            "test video; QA = the majority training answer.", "",
+            "test video; QA / classification = the majority training answer / label.", "",
             f"Wall time of the job: {wall / 60:.1f} min. Loss curves: "
             f"`{work / 'pretrain' / 'loss_curves.png'}` (pretraining), "
-            f"`{work / 'caption' / 'loss_curves.png'}`, `{work / 'videoqa' / 'loss_curves.png'}`."]
+            f"`{work / 'caption' / 'loss_curves.png'}`, `{work / 'videoqa' / 'loss_curves.png'}`, "
+            f"`{work / 'classification' / 'loss_curves.png'}`."]
   return "\n".join(lines) + "\n"
 
 
@@ -196,11 +206,14 @@ def run(work: pathlib.Path, data: str = "", pretrain_steps: int = 0,
   pre = train_stage(work, data, "pretrain", "", pretrain_steps)
   stages = {"pretrain": pre,
             "caption": train_stage(work, data, "caption", str(pre), finetune_steps),
-            "videoqa": train_stage(work, data, "videoqa", str(pre), finetune_steps)}
-  untrained = untrained_checkpoint(work, data)
+            "videoqa": train_stage(work, data, "videoqa", str(pre), finetune_steps),
+            "classification": train_stage(work, data, "classification", str(pre),
+                                          finetune_steps)}
   trained_metrics, untrained_metrics = {}, {}
   for task, stage in (("retrieval", "pretrain"), ("caption", "caption"),
-                      ("videoqa", "videoqa")):
+                      ("videoqa", "videoqa"), ("classification", "classification")):
+    untrained = untrained_checkpoint(work, data, "classification" if stage == "classification"
+                                     else "pretrain")
     trained_metrics[task] = evaluate_stage(work, data, "trained", task, stages[stage])
     untrained_metrics[task] = evaluate_stage(work, data, "untrained", task, untrained)
   rows = table(trained_metrics, untrained_metrics, chance(data, trained_metrics))

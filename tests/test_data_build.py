@@ -171,6 +171,9 @@ def test_demo_is_deterministic(tmp_path):
   demo.main(["--out", str(tmp_path / "b"), "--train", "6", "--test", "2", "--size", "32",
              "--frames", "8"])
   assert digest(tmp_path / "a") == digest(tmp_path / "b")
-  assert set(a) == {"video_caption", "video_qa", "video_retrieval", "image_text"}
+  assert set(a) == {"video_caption", "video_qa", "video_retrieval", "image_text",
+                    "video_classification"}
   assert len(records.RecordSource(a["video_qa"], "train")) == 18
   assert len(records.RecordSource(a["video_caption"], "test")) == 2
+  clips = records.RecordSource(a["video_classification"], "train")  # Kinetics layout
+  assert len(clips) == 6 and all(0 <= int(clips[i]["label"]) < 4 for i in range(6))

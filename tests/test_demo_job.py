@@ -36,7 +36,13 @@ def test_chance_baselines_hand_checked(tmp_path):
       {"video_id": "a", "question": "q", "answer": x} for x in ("red", "up", "up", "circle")])
   _write_jsonl(raw / "video_qa_test.jsonl", [
       {"video_id": "t0", "question": "q", "answer": x} for x in ("up", "red", "left", "up")])
+  header = "label,youtube_id,time_start,time_end,split\n"
+  (raw / "video_classification_train.csv").write_text(header + "left,a,0,2,train\n" * 3
+                                                      + "up,b,0,2,train\n")
+  (raw / "video_classification_test.csv").write_text(header + "left,c,0,2,test\n"
+                                                     + "up,d,0,2,test\n" * 3)
   got = demo_job.chance(str(tmp_path), {"retrieval": {"num_videos": 20.0}})
+  assert got[("classification", "top1")] == pytest.approx(25.0)  # "left": 1 of 4
   assert got[("retrieval", "t2v_R1")] == pytest.approx(5.0)
   assert got[("retrieval", "t2v_R5")] == pytest.approx(25.0)
   assert got[("retrieval", "t2v_R10")] == pytest.approx(50.0)
@@ -47,15 +53,19 @@ def test_chance_baselines_hand_checked(tmp_path):
 
 def test_table_rows_and_markdown(tmp_path):
   trained = {"retrieval": {"t2v_R1": 30.0, "t2v_R5": 60.0, "t2v_R10": 80.0},
-             "caption": {"Bleu_4": 0.5, "CIDEr": 2.0}, "videoqa": {"accuracy": 70.0}}
+             "caption": {"Bleu_4": 0.5, "CIDEr": 2.0}, "videoqa": {"accuracy": 70.0},
+             "classification": {"top1": 90.0}}
   untrained = {"retrieval": {"t2v_R1": 2.0, "t2v_R5": 10.0, "t2v_R10": 20.0},
-               "caption": {"Bleu_4": 0.0, "CIDEr": 0.0}, "videoqa": {"accuracy": 0.0}}
+               "caption": {"Bleu_4": 0.0, "CIDEr": 0.0}, "videoqa": {"accuracy": 0.0},
+               "classification": {"top1": 25.0}}
   chance = {("retrieval", "t2v_R1"): 2.1, ("retrieval", "t2v_R5"): 10.4,
             ("retrieval", "t2v_R10"): 20.8, ("caption", "Bleu_4"): 0.2,
-            ("caption", "CIDEr"): 0.6, ("videoqa", "accuracy"): 11.1}
+            ("caption", "CIDEr"): 0.6, ("videoqa", "accuracy"): 11.1,
+            ("classification", "top1"): 27.0}
   rows = demo_job.table(trained, untrained, chance)
   assert rows[0] == ("text-to-video R@1", 30.0, 2.0, 2.1)
-  assert rows[-1] == ("QA accuracy", 70.0, 0.0, 11.1)
+  assert rows[-2] == ("QA accuracy", 70.0, 0.0, 11.1)
+  assert rows[-1] == ("direction top-1", 90.0, 25.0, 27.0)
   md = demo_job.markdown(rows, 600.0, tmp_path)
   assert "| text-to-video R@1 | 30.00 | 2.00 | 2.10 |" in md
   assert "10.0 min" in md
@@ -76,12 +86,14 @@ def test_the_chain_runs_end_to_end_and_resumes(small_demo, capsys):
   results = json.loads((work / "results.json").read_text())
   assert results["trained"]["retrieval"]["num_videos"] == 4
   assert results["trained"]["videoqa"]["num"] == 12         # 3 questions per test clip
+  assert results["trained"]["classification"]["num"] == 4
   assert "| QA accuracy |" in (work / "results.md").read_text()
-  for stage in ("pretrain", "caption", "videoqa"):
+  for stage in ("pretrain", "caption", "videoqa", "classification"):
     assert os.path.exists(work / stage / "loss_curves.png")
     assert demo_job.is_exported(work / stage)
   # Fine-tuning evaluates in the loop (every total // 2 steps) and keeps the best.
-  for stage, metric in (("caption", "eval/CIDEr"), ("videoqa", "eval/accuracy")):
+  for stage, metric in (("caption", "eval/CIDEr"), ("videoqa", "eval/accuracy"),
+                        ("classification", "eval/top1")):
     evals = [r for r in loop.read_metrics(str(work / stage)) if metric in r]
     assert [r["step"] for r in evals] == [1, 2], stage
   assert f"step 2/2 | eval" in out

@@ -4,8 +4,9 @@ r"""Evaluation on the held-out split of the embedded demo dataset (no paper numb
                    captions per clip), ITC similarities re-ranked by ITM (top 16)
   task=caption     BLEU-1..4, METEOR, ROUGE-L, CIDEr on demo video_caption (3 references)
   task=videoqa     exact-match accuracy on demo video_qa (colour, shape, direction)
+  task=classification  top-1 of the motion direction on demo video_classification
 
-Command (`python -m mplug2_jax.demo_job` runs all three, for the trained and the untrained
+Command (`python -m mplug2_jax.demo_job` runs all four, for the trained and the untrained
 model, and prints the table):
   python -m mplug2_jax.evaluate --config configs/eval/demo.py:task=retrieval,data=DEMO \
       --checkpoint RUN_WORKDIR      (DEMO: `python -m mplug2_jax.data.demo --out DEMO`)
@@ -16,7 +17,8 @@ import os
 from mplug2_jax.data import text
 from mplug2_jax.evaluate import tasks
 
-DATASETS = {"retrieval": "video_retrieval", "caption": "video_caption", "videoqa": "video_qa"}
+DATASETS = {"retrieval": "video_retrieval", "caption": "video_caption", "videoqa": "video_qa",
+            "classification": "video_classification"}
 
 
 def get_config(arg=None):
@@ -25,8 +27,7 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, task="retrieval", data="/tmp/demo", batch=16)
   if a.task not in DATASETS:
     raise config_lib.ConfigError("demo eval task", a.task, f"must be one of {tuple(DATASETS)}")
-  settings = {"retrieval": dict(retrieval_k=16, all_texts=True), "caption": {},
-              "videoqa": {}}[a.task]
+  settings = {"retrieval": dict(retrieval_k=16, all_texts=True)}.get(a.task, {})
   config = tasks.experiment_config(
       a.task, f"size=tiny,batch={a.batch}", paper={},
       data=dict(text_words=30, max_text_len=16, max_caption_len=16, max_question_len=16,

@@ -8,8 +8,10 @@ left / right / up / down over a dark background with a distractor-free scene, so
 captions and answers about motion need the temporal order of the frames. Written:
 
   DIR/raw/videos/demo_{split}_{i:05d}.mp4   DIR/raw/images/demo_{split}_{i:05d}.jpg
-  DIR/raw/{caption,qa,retrieval}_{split}.jsonl   DIR/raw/image_text_{split}.json
-  DIR/{video_caption,video_qa,video_retrieval,image_text}/   built with `build.build`
+  DIR/raw/video_{caption,qa,retrieval}_{split}.jsonl   DIR/raw/image_text_{split}.json
+  DIR/raw/video_classification_{split}.csv   (Kinetics layout; label = the direction)
+  DIR/{video_caption,video_qa,video_retrieval,image_text,video_classification}/
+                                               built with `build.build`
 
 Caption records use the official layouts (train: one caption per line; test:
 `golden_captions`), QA lines carry three questions per clip (colour, shape, direction).
@@ -148,10 +150,11 @@ def write_raw(out: str, num_train: int = 192, num_test: int = 48, size: int = 64
   os.makedirs(os.path.join(raw, "videos"), exist_ok=True)
   os.makedirs(os.path.join(raw, "images"), exist_ok=True)
   files: dict[str, dict[str, str]] = {k: {} for k in ("video_caption", "video_qa",
-                                                      "video_retrieval", "image_text")}
+                                                      "video_retrieval", "image_text",
+                                                      "video_classification")}
   for split, n, split_seed in (("train", num_train, seed), ("test", num_test, seed + 1)):
     rng = np.random.default_rng([split_seed, 1234])
-    cap, qa, ret, img = [], [], [], []
+    cap, qa, ret, img, cls = [], [], [], [], []
     for i in range(n):
       colour, shape, direction = _attributes(rng)
       name = f"demo_{split}_{i:05d}"
@@ -171,6 +174,7 @@ def write_raw(out: str, num_train: int = 192, num_test: int = 48, size: int = 64
              {"video_id": name, "question": f"which direction does the {shape} move?",
               "answer": direction}]
       ret.append({"clip_name": name, "caption": captions[0] if split == "train" else captions})
+      cls.append(f"{direction},{name},0,2,{split}\n")   # Kinetics CSV, label = motion
       img.append({"image": name + ".jpg", "image_id": i,
                   "caption": IMAGE_TEMPLATES[rng.integers(len(IMAGE_TEMPLATES))].format(**fill)})
     for kind, rows, ext in (("video_caption", cap, "jsonl"), ("video_qa", qa, "jsonl"),
@@ -182,12 +186,21 @@ def write_raw(out: str, num_train: int = 192, num_test: int = 48, size: int = 64
         else:
           f.writelines(json.dumps(r) + "\n" for r in rows)
       files[kind][split] = path
+    path = os.path.join(raw, f"video_classification_{split}.csv")
+    with open(path, "w", encoding="utf-8") as f:
+      f.write("label,youtube_id,time_start,time_end,split\n")
+      f.writelines(cls)
+    files["video_classification"][split] = path
   return files
+
+
+# The builder kind of each demo dataset (`build.build`).
+BUILD_KIND = {"video_classification": "kinetics"}
 
 
 def make_demo(out: str, num_train: int = 192, num_test: int = 48, size: int = 64,
               frames: int = 16, seed: int = 0, log=print) -> dict[str, str]:
-  """Writes the raw demo data and builds all four datasets; returns {kind: dataset dir}."""
+  """Writes the raw demo data and builds all five datasets; returns {kind: dataset dir}."""
   from mplug2_jax.data import build
 
   start = time.time()
@@ -196,7 +209,7 @@ def make_demo(out: str, num_train: int = 192, num_test: int = 48, size: int = 64
   built = {}
   for kind, splits in files.items():
     root = os.path.join(raw, "images" if kind == "image_text" else "videos")
-    built[kind] = build.build(kind, os.path.join(out, kind),
+    built[kind] = build.build(BUILD_KIND.get(kind, kind), os.path.join(out, kind),
                               {s: [p] for s, p in splits.items()}, root,
                               max_bad_fraction=0.0, log=lambda *_: None)
   log(f"demo data in {out} ({num_train} train / {num_test} test clips) "

@@ -231,7 +231,8 @@ def kinetics(anns: list[Record], root: str, read: MediaReader) -> Iterator[Recor
     yid, label = a["youtube_id"], a["label"]
     name = f"{yid}_{int(float(a['time_start'])):06d}_{int(float(a['time_end'])):06d}.mp4"
     path = first_existing([os.path.join(root, label, name), os.path.join(root, name),
-                           os.path.join(root, label, yid + ".mp4")])
+                           os.path.join(root, label, yid + ".mp4"),
+                           os.path.join(root, yid + ".mp4")])  # a flat folder of clips
     data = read(path, name)
     if data is not None:
       yield dict(id=name, media=data, media_format="mp4", texts=[label],
