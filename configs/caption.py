@@ -41,16 +41,12 @@ def get_config(arg=None):
   d.max_caption_len = 20
   d.caption_prompt = "a video of"
 
+  # Optimizer: the defaults (train/optimizer.py) are the official fine-tuning values:
+  # AdamW lr 2e-5 (vision tower 0.1x), wd 0.02, cosine_step, 200 warm-up iterations
+  # from 1e-6, min_lr 1e-6, no clipping.
   o = config.optimizer
   o.accum_steps = accum
-  o.lr = 2e-5                                        # lr1
-  o.lr_mults = (("^vision/", 0.1),)                  # lr2 = 2e-6
-  o.weight_decay = 0.02
-  o.schedule = "cosine_step"
   o.warmup_steps = 200 // accum                      # 200 iterations
-  o.warmup_lr = 1e-6
-  o.min_lr = 1e-6
-  o.grad_clip_norm = 0.0
   steps_per_epoch = math.ceil(a.train_examples / config.batch_size)
   config.total_steps = a.epochs * steps_per_epoch
 

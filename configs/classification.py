@@ -34,15 +34,9 @@ def get_config(arg=None):
   d.mixture = ((a.data, 1.0),) if a.data else ()
   d.task = "classification"
 
-  o = config.optimizer
-  o.lr = 2e-5
-  o.lr_mults = (("^vision/", 0.1),)
-  o.weight_decay = 0.02
-  o.schedule = "cosine_step"
-  o.warmup_steps = 200
-  o.warmup_lr = 1e-6
-  o.min_lr = 1e-6
-  o.grad_clip_norm = 0.0
+  # Optimizer: the defaults (train/optimizer.py) are the official fine-tuning values:
+  # AdamW lr 2e-5 (vision tower 0.1x), wd 0.02, cosine_step, 200 warm-up iterations
+  # from 1e-6, min_lr 1e-6, no clipping.
   config.objective.label_smoothing = a.smoothing
 
   steps_per_epoch = math.ceil(a.train_examples / config.batch_size)

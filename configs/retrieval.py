@@ -39,15 +39,9 @@ def get_config(arg=None):
   d.text_words = 40                                  # MSRVTT pre_caption limit
   d.max_text_len = config.text_length
 
-  o = config.optimizer
-  o.lr = 2e-5
-  o.lr_mults = (("^vision/", 0.1),)                  # lr2 = 2e-6
-  o.weight_decay = 0.02
-  o.schedule = "cosine_step"
-  o.warmup_steps = 200
-  o.warmup_lr = 1e-6
-  o.min_lr = 1e-6
-  o.grad_clip_norm = 0.0
+  # Optimizer: the defaults (train/optimizer.py) are the official fine-tuning values:
+  # AdamW lr 2e-5 (vision tower 0.1x), wd 0.02, cosine_step, 200 warm-up iterations
+  # from 1e-6, min_lr 1e-6, no clipping.
 
   obj = config.objective
   obj.queue_size = 8 * config.batch_size if a.size == "tiny" else 65536
