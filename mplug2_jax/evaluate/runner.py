@@ -81,23 +81,12 @@ def run(config, checkpoint: str, workdir: str | None, log=print) -> tuple[list, 
   if not config.data.mixture:
     raise ValueError("config.data.mixture is empty: pass --config FILE:data=DIR (a dataset "
                      "built with python -m mplug2_jax.data.build)")
-  if not config.eval.vocab_file:
-    config.eval.vocab_file = config.data.vocab_file
-    config.eval.tokenizer = config.data.tokenizer
-  if task == "retrieval":  # all_texts reads every caption of the split's records
-    config.eval.text_datasets = tuple(p for p, _ in config.data.mixture)
-    config.eval.text_words = config.data.text_words
-    config.eval.max_text_len = config.data.max_text_len
   # Every device of every process evaluates a slice of each batch (data axes of the mesh);
   # the parameters are sharded by the logical rules, as in training.
-  from mplug2_jax import config_lib, sharding
+  from mplug2_jax import sharding
 
   mesh = sharding.make_mesh(config)
-  ways = sharding.batch_ways(mesh, config)
-  if config.eval.batch_size % ways:
-    raise config_lib.ConfigError("eval.batch_size", config.eval.batch_size,
-                                 f"not divisible by the {ways} data-parallel devices of mesh "
-                                 f"{dict(mesh.shape)}")
+  config.eval = tasks.complete_settings(task, config.eval, config.data, mesh, config)
   log(f"loading {ckpt} ...")
   params = checkpoints.load_params(ckpt)
   iterator = pipeline.make_iterator(config.data, split=config.eval.split,

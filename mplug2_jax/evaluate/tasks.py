@@ -95,6 +95,30 @@ def eval_config(task: str, **overrides) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------------------
 
 
+def complete_settings(task: str, eval_cfg: ml_collections.ConfigDict,
+                      data_cfg: ml_collections.ConfigDict, mesh=None,
+                      rules_config: ml_collections.ConfigDict | None = None
+                      ) -> ml_collections.ConfigDict:
+  """A copy of `eval_cfg` completed from the data config it evaluates: the tokenizer (when
+  unset) and, for retrieval, the datasets and text settings `all_texts` reads. With a mesh,
+  checks that `eval_cfg.batch_size` splits over its data-parallel devices."""
+  from mplug2_jax import config_lib, sharding
+
+  out = ml_collections.ConfigDict(eval_cfg.to_dict())
+  if not out.vocab_file:
+    out.vocab_file, out.tokenizer = data_cfg.vocab_file, data_cfg.tokenizer
+  if task == "retrieval":  # all_texts reads every caption of the split's records
+    out.text_datasets = tuple(p for p, _ in data_cfg.mixture)
+    out.text_words, out.max_text_len = data_cfg.text_words, data_cfg.max_text_len
+  if mesh is not None:
+    ways = sharding.batch_ways(mesh, rules_config)
+    if int(out.batch_size) % ways:
+      raise config_lib.ConfigError("eval.batch_size", out.batch_size,
+                                   f"not divisible by the {ways} data-parallel devices of "
+                                   f"mesh {dict(mesh.shape)}")
+  return out
+
+
 def evaluate(task: str, model_cfg: ml_collections.ConfigDict, params, iterator: Iterable,
              eval_cfg: ml_collections.ConfigDict, *, tokenizer=None,
              log: Callable[[str], None] | None = print, mesh=None,

@@ -280,19 +280,9 @@ def make_evaluator(config: ml_collections.ConfigDict, mesh=None):
   task = config.get("eval_task", "") or config.model.task
   if task not in tasks.TASKS:
     raise ValueError(f"eval_task {task!r} has no evaluator; known: {tasks.TASKS}")
-  eval_cfg = ml_collections.ConfigDict(config.eval.to_dict())
-  if not eval_cfg.vocab_file:
-    eval_cfg.vocab_file, eval_cfg.tokenizer = config.data.vocab_file, config.data.tokenizer
-  if task == "retrieval":
-    eval_cfg.text_datasets = tuple(p for p, _ in config.data.mixture)
-    eval_cfg.text_words, eval_cfg.max_text_len = config.data.text_words, config.data.max_text_len
+  eval_cfg = tasks.complete_settings(task, config.eval, config.data, mesh, config)
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   data_cfg.task = task
-
-  if mesh is not None and int(eval_cfg.batch_size) % sharding.batch_ways(mesh, config):
-    from mplug2_jax import config_lib
-    raise config_lib.ConfigError("eval.batch_size", eval_cfg.batch_size, "not divisible by "
-                                 f"the data-parallel devices of mesh {dict(mesh.shape)}")
 
   def evaluate(params) -> dict[str, float]:
     iterator = pipeline.make_iterator(
