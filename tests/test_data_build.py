@@ -119,6 +119,13 @@ def test_vqa_kinetics_grounding_text(raw, tmp_path):
   recs = _read(build.build("kinetics", str(tmp_path / "k"), {"train": [str(tmp_path / "k.csv")]},
                            str(kin)), "train")
   assert [(r["texts"][0], int(r["label"])) for r in recs] == [(b"dancing", 0), (b"singing", 1)]
+  # A split without "dancing" keeps the dataset's indices (singing = 1, not 0).
+  (tmp_path / "k_test.csv").write_text("label,youtube_id,time_start,time_end,split\n"
+                                       "singing,zzz,0,10,test\n")
+  out = build.build("kinetics", str(tmp_path / "k2"), {"train": [str(tmp_path / "k.csv")],
+                                                      "test": [str(tmp_path / "k_test.csv")]},
+                    str(kin))
+  assert [int(r["label"]) for r in _read(out, "test")] == [1]
 
   torch = pytest.importorskip("torch")
   torch.save([("a.jpg", "x", [10, 20, 30, 40], "the red circle", "y")], tmp_path / "g.pth")

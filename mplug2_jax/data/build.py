@@ -33,8 +33,10 @@ def build(kind: str, out: str, splits: dict[str, Sequence[str]], root: str = "",
 
   metadata = {"kind": kind, "annotations": {k: list(v) for k, v in splits.items()}}
   if kind == "kinetics":
+    # One class list for every split, so that a split missing a class keeps the indices.
     anns = sources.read_all([p for v in splits.values() for p in v])
     metadata["classes"] = sorted({a["label"] for a in anns})
+    kwargs["classes"] = metadata["classes"]
   start = time.time()
   path = records.write(out, kind, {n: maker(n, p) for n, p in splits.items()}, metadata)
   for name, c in counters.items():

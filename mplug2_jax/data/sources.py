@@ -225,8 +225,11 @@ def vqa(anns: list[Record], root: str, read: MediaReader, vg_root: str | None = 
                answers=answers, answer_weights=weights, question_id=qid)
 
 
-def kinetics(anns: list[Record], root: str, read: MediaReader) -> Iterator[Record]:
-  classes = {c: i for i, c in enumerate(sorted({a["label"] for a in anns}))}
+def kinetics(anns: list[Record], root: str, read: MediaReader,
+             classes: Sequence[str] | None = None) -> Iterator[Record]:
+  """`classes`: the label list of the whole dataset (index = label id); default: the
+  sorted labels of these annotations."""
+  classes = {c: i for i, c in enumerate(classes or sorted({a["label"] for a in anns}))}
   for a in anns:
     yid, label = a["youtube_id"], a["label"]
     name = f"{yid}_{int(float(a['time_start'])):06d}_{int(float(a['time_end'])):06d}.mp4"
