@@ -134,38 +134,35 @@ def evaluate_stage(work: pathlib.Path, data: str, name: str, task: str,
 # --------------------------------------------------------------------------------------
 
 
-def _jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def chance(data: str, eval_metrics: dict) -> dict:
   """{(task, metric): value} of the chance baselines described in the module docstring."""
+  from mplug2_jax.data import sources
   from mplug2_jax.evaluate import metrics
 
-  raw = os.path.join(data, "raw")
+  read = lambda name: sources.read_annotations(os.path.join(data, "raw", name))
+
+  def majority_accuracy(key: str, train: str, test: str) -> float:
+    """Accuracy of always answering the most frequent training `key`."""
+    majority = collections.Counter(r[key] for r in read(train)).most_common(1)[0][0]
+    golds = [r[key] for r in read(test)]
+    return metrics.exact_match_accuracy([majority] * len(golds), golds)
+
   out = {}
   num_videos = eval_metrics["retrieval"]["num_videos"]
   for k in (1, 5, 10):
     out[("retrieval", f"t2v_R{k}")] = 100.0 * min(k, num_videos) / num_videos
-  train_captions = [c for r in _jsonl(os.path.join(raw, "video_caption_train.jsonl"))
+  train_captions = [c for r in read("video_caption_train.jsonl")
                     for c in ([r["caption"]] if isinstance(r["caption"], str) else r["caption"])]
-  test = _jsonl(os.path.join(raw, "video_caption_test.jsonl"))
+  test = read("video_caption_test.jsonl")
   pick = random.Random(0)
   scores = metrics.caption_metrics(
       {str(i): pick.choice(train_captions) for i in range(len(test))},
       {str(i): r["golden_captions"] for i, r in enumerate(test)})
   out[("caption", "Bleu_4")], out[("caption", "CIDEr")] = scores["Bleu_4"], scores["CIDEr"]
-  answers = collections.Counter(r["answer"] for r in _jsonl(os.path.join(raw, "video_qa_train.jsonl")))
-  majority = answers.most_common(1)[0][0]
-  test_answers = [r["answer"] for r in _jsonl(os.path.join(raw, "video_qa_test.jsonl"))]
-  out[("videoqa", "accuracy")] = metrics.exact_match_accuracy([majority] * len(test_answers),
-                                                               test_answers)
-  labels = lambda split: [line.split(",")[0] for line in open(
-      os.path.join(raw, f"video_classification_{split}.csv"), encoding="utf-8").readlines()[1:]]
-  majority = collections.Counter(labels("train")).most_common(1)[0][0]
-  out[("classification", "top1")] = metrics.exact_match_accuracy(
-      [majority] * len(labels("test")), labels("test"))
+  out[("videoqa", "accuracy")] = majority_accuracy("answer", "video_qa_train.jsonl",
+                                                   "video_qa_test.jsonl")
+  out[("classification", "top1")] = majority_accuracy(
+      "label", "video_classification_train.csv", "video_classification_test.csv")
   return out
 
 
