@@ -20,7 +20,8 @@ def load(*argv):
   return values.config
 
 
-@pytest.mark.parametrize("name", ["caption", "videoqa", "retrieval", "pretrain", "classification"])
+@pytest.mark.parametrize("name", ["caption", "videoqa", "retrieval", "pretrain", "classification",
+                                  "grounding"])
 @pytest.mark.parametrize("size", config_lib.SIZES)
 def test_every_config_file_validates(name, size):
   config = load(f"--config={REPO}/configs/{name}.py:{size}")

@@ -1,7 +1,7 @@
 r"""RefCOCO+ (testA / testB) visual grounding, Acc@IoU>=0.5: [unverified] (paper's table).
 
 As refcoco.py.
-Spec: shared/spec/mplug2.md sections 6 and 14.
+Spec: shared/spec/datasets.md 3.5, shared/spec/mplug2.md sections 6 and 14.
 
 Command:
   python -m mplug2_jax.evaluate --config configs/eval/refcoco_plus.py:data=DATA,vocab=VOCAB \
@@ -14,5 +14,7 @@ from mplug2_jax.evaluate import tasks
 def get_config(arg=None):
   return tasks.experiment_config(
       "grounding", arg, paper={},
-      data=dict(text_words=20, max_text_len=20, repeat_images=True),
+      # Official test geometry and query length (data/grounding.py, datasets.md 3.5):
+      # letterboxed into model.image_size (336), ImageNet mean/std, 20 tokens.
+      data=dict(max_text_len=20, repeat_images=True, grounding_eval_norm="imagenet"),
       settings=dict())

@@ -6,6 +6,8 @@ Modules, in the order data flows:
   media.py     PyAV/Pillow decoding, frame sampler, transforms
   text.py      official text cleaning, WordPiece, task encodings (spm.py: SentencePiece)
   pipeline.py  per-task preprocessing, bad-data handling, batching, `make_iterator`
+  grounding.py grounding geometry (letterbox, augmentations) and the box-token scheme
+  instruction.py  mPLUG-Owl2 instruction tuning: template, loss mask, images, collator
   benchmark.py clips/s/core
 
 `default_data_config()` lists every `config.data` key the pipeline reads.
@@ -50,8 +52,22 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.max_answer_len = 10         # tokens of "[CLS] answer [SEP]" (official: not truncated)
   d.answers_per_question = 1    # static answer rows per question; extra rows weight 0
   # Retrieval / pre-training / grounding.
-  d.text_words = 30             # pre_caption word limit (image retrieval 30, MSRVTT 40)
-  d.max_text_len = 30           # tokens
+  d.text_words = 30             # pre_caption word limit (image retrieval 30, MSRVTT 40);
+                                # grounding expressions are only lower-cased (not used)
+  d.max_text_len = 30           # tokens (grounding: official max_query_len 20, [CLS] .. [SEP])
+  # Grounding geometry (data/grounding.py; spec datasets.md 3.5). The frame is image_size
+  # (official 336); the box targets are answer tokens. [unverified] = not pinned by the spec.
+  d.grounding_train_norm = "clip"      # official training normalisation (CLIP mean/std)
+  d.grounding_eval_norm = "imagenet"   # official test default (ImageNet mean/std, which the
+                                       # model never saw in training); "clip" = consistent
+  d.grounding_scales = ()       # training long sides; () = image_size - 32 i, i = 0..6
+                                # (multi-scale) [unverified]
+  d.grounding_crop_prob = 0.5   # share of training samples cropped (crop keeps the box whole)
+                                # [unverified]
+  d.grounding_crop_min = 0.5    # smallest crop side / image side [unverified]
+  d.grounding_jitter = 0.4      # brightness / contrast / saturation 1 +- this [unverified]
+  d.grounding_flip = 0.5        # horizontal flip probability; the expression's left/right
+                                # are swapped with it [swap not stated by the spec]
   # Bad data.
   d.max_bad_fraction = 0.01     # stop when more than this share of samples was bad
   d.bad_min_samples = 200       # ...counted only after this many samples

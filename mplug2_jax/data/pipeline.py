@@ -17,7 +17,13 @@ example. Batch keys per task (all numpy, static shapes; see models/mplug2.py):
                 answer_weights f32 (B*K,), K = answers_per_question
   retrieval,    text_ids, text_mask (B, max_text_len); image_ids i32 (B,)
   pretrain
-  grounding     text_ids, text_mask; boxes f32 (B,4) (cx, cy, w, h) / image size; labels
+  grounding     video (B,T,S,S,3) = the image letterboxed into S = image_size (official 336);
+                text_ids, text_mask (B, max_text_len) = [CLS] expression [SEP];
+                boxes f32 (B,4) (cx, cy, w, h) / S in the padded frame (evaluation);
+                answer_ids, answer_mask, answer_labels i32 (B, 5) = [unused339] + the 4 box
+                tokens (labels: -100 on the prefix), answer_question_index i32 (B,),
+                answer_weights f32 (B,) = 1: the videoqa objective's keys, one answer per
+                question (data/grounding.py)
   classification labels i32 (B,)
 
 Host-only metadata (record ids, gold captions/answers) is kept out of the arrays: after each
@@ -34,6 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mplug2_jax.data import grounding as grounding_lib
 from mplug2_jax.data import media, records
 from mplug2_jax.data import text as text_lib
 from mplug2_jax.data.bad_data import BadDataCounter
@@ -79,6 +86,8 @@ class Preprocessor:
     self.task, self.train = task, train
     self.num_frames, self.image_size = num_frames, image_size
     self.tok = tokenizer
+    if task == "grounding":  # box-token ids, looked up once (numpy: pickles to workers)
+      self.box_prefix, self.box_tokens = grounding_lib.token_ids(tokenizer)
 
   # ---- visual --------------------------------------------------------------------------
 
@@ -92,13 +101,44 @@ class Preprocessor:
     size = clip.shape[1:3]
     if clip.shape[0] == 1 and self.c.repeat_images:
       clip = np.repeat(clip, self.num_frames, axis=0)
-    if self.train and self.task != "grounding":
+    if self.train:
       clip = media.train_transform(clip, self.image_size, rng, self.c.randaug,
                                    tuple(self.c.crop_scale), self.c.get("hflip", True))
     else:
-      # Grounding boxes follow the resize; random crops would need box clipping (not done).
       clip = media.eval_transform(clip, self.image_size)
     return media.normalize(clip), size
+
+  def grounding(self, record: dict, rng: np.random.Generator) -> dict[str, Any]:
+    """Image, expression, box and box-token targets with the official grounding geometry
+    (data/grounding.py; spec datasets.md 3.5): letterboxed into image_size x image_size,
+    not stretched, so the box stays on the object."""
+    c = self.c
+    fmt = _as_text(record["media_format"])
+    # Grounding records are images; of a video (not an official grounding source) the
+    # first decoded frame is used, since one box describes one frame.
+    image = media.decode(record["media"], fmt, 1, "middle", None)[0]
+    # Official: the expression is only lower-cased (no pre_caption cleaning).
+    expression = self._pick_text(record, rng).lower()
+    if not expression.strip():
+      raise media.BadSample("empty_text", repr(expression)[:60])
+    box = np.asarray(record["box"], np.float32)
+    if self.train:
+      image, box, expression = grounding_lib.train_transform(
+          image, box, expression, rng, self.image_size, scales=tuple(c.grounding_scales),
+          crop_prob=c.grounding_crop_prob, crop_min=c.grounding_crop_min,
+          jitter=c.grounding_jitter, flip_prob=c.grounding_flip, norm=c.grounding_train_norm)
+    else:
+      image, box = grounding_lib.eval_transform(image, box, self.image_size,
+                                                c.grounding_eval_norm)
+    clip = image[None]
+    if c.repeat_images:
+      clip = np.repeat(clip, self.num_frames, axis=0)
+    ex = {"video": clip, "boxes": box}
+    ex["text_ids"], ex["text_mask"] = grounding_lib.encode_expression(self.tok, expression,
+                                                                      c.max_text_len)
+    ex.update(grounding_lib.answer_targets(box, self.box_prefix, self.box_tokens))
+    ex["answer_weights"] = np.ones((1,), np.float32)
+    return ex
 
   # ---- text ----------------------------------------------------------------------------
 
@@ -119,8 +159,10 @@ class Preprocessor:
     c, task = self.c, self.task
     ex: dict[str, Any] = {}
     meta = {"id": record["id"], "question_id": int(record["question_id"])}
-    if task != "text":
-      ex["video"], size = self.video(record, rng)
+    if task == "grounding":
+      ex.update(self.grounding(record, rng))
+    elif task != "text":
+      ex["video"], _ = self.video(record, rng)
     if task == "caption":
       caption = self._cleaned(text_lib.pre_caption, self._pick_text(record, rng), c.caption_words)
       ex.update(text_lib.encode_caption(
@@ -135,13 +177,11 @@ class Preprocessor:
       weights = [float(w) for w in record["answer_weights"]]
       meta["gold"] = answers
       ex.update(self._answers(answers, weights))
-    elif task in ("retrieval", "pretrain", "grounding", "text"):
+    elif task in ("retrieval", "pretrain", "text"):
       caption = self._cleaned(text_lib.pre_caption, self._pick_text(record, rng), c.text_words)
       ex["text_ids"], ex["text_mask"] = self.tok.encode_padded(caption, c.max_text_len)
       ex["image_ids"] = np.int32(record["group_id"])
-    if task == "grounding":
-      ex["boxes"] = self._box(record, size)
-    if task in ("grounding", "classification"):
+    if task == "classification":
       ex["labels"] = np.int32(record["label"])
     ex["question_id"] = np.int32(record["question_id"])
     ex[_META] = meta
@@ -165,13 +205,6 @@ class Preprocessor:
     out = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
     out["answer_weights"] = np.asarray(w, np.float32)
     return out
-
-  def _box(self, record: dict, size: tuple[int, int]) -> np.ndarray:
-    """Corner box in pixels -> (cx, cy, w, h) relative to the (stretched) image."""
-    h, w = size
-    x1, y1, x2, y2 = (float(v) for v in record["box"])
-    return np.clip(np.array([(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w,
-                             (y2 - y1) / h], np.float32), 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Every dataset kind shares one record schema (`FEATURES`), so one pipeline reads 
   media          bytes  the encoded file (mp4/avi/webm/gif/jpeg/png...); b"" for text-only
   media_format   str    file extension without the dot ("mp4", "jpeg", "" for text-only)
   texts          [str]  captions (train: one; eval: all golden captions) or the question
+                        (instruction: one JSON string, the list of {from, value} turns)
   answers        [str]  QA answers (raw, not normalised)
   answer_weights [f32]  one per answer
   group_id       int64  positive-pair id (same video/image -> same id) for ITC
@@ -43,6 +44,7 @@ KINDS = {
     "kinetics": "Kinetics CSV + class-folder videos",
     "grounding": "RefCOCO-family split files (TransVG .pth)",
     "text": "plain text corpus, one document per line",
+    "instruction": "mPLUG-Owl2 / LLaVA-style instruction JSON list",
 }
 
 EMPTY_RECORD = dict(id="", media=b"", media_format="", texts=[], answers=[], answer_weights=[],

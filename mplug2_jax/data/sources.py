@@ -17,6 +17,8 @@ pipeline, so one built dataset serves several recipes. What each importer resolv
   kinetics         CSV label,youtube_id,time_start,time_end,split      root[/label]/{id}_{s:06d}_{e:06d}.mp4
   grounding        TransVG .pth list of (file, _, [x,y,w,h], expr, _)   root/file
   text             plain text, one document per line                   -
+  instruction      Owl2/LLaVA JSON list {id, image?, conversations:     root/image (none: text-only)
+                   [{from, value}]}; stored as texts[0] = JSON
 
 Deliberate departures (datasets.md section 6 "decide explicitly"): a missing video is
 skipped at build time and counted, so a sample never pairs a question with the next video
@@ -242,16 +244,30 @@ def kinetics(anns: list[Record], root: str, read: MediaReader,
                  label=classes[label])
 
 
-def grounding(anns: list[Any], root: str, read: MediaReader) -> Iterator[Record]:
-  """TransVG tuples; RefCOCO-family boxes are [x, y, w, h] -> corners; Flickr already corners."""
+def grounding(anns: list[Any], root: str, read: MediaReader,
+              box_format: str = "xywh") -> Iterator[Record]:
+  """TransVG split tuples -> records with corner boxes (x1, y1, x2, y2) in pixels.
+
+  datasets.md 3.5 (GD:287-291): RefCOCO / RefCOCO+ / RefCOCOg 5-tuples (image, _, box,
+  expression, _) carry [x, y, w, h] (`box_format="xywh"`, the default); ReferIt has the
+  same 5-tuple with corners already (`box_format="xyxy"`); Flickr 3-tuples (image, box,
+  expression) always carry corners. The geometry and the box tokens are applied by the
+  pipeline (data/grounding.py), so one build serves training and evaluation.
+  """
+  if box_format not in ("xywh", "xyxy"):
+    raise ValueError(f"grounding box_format {box_format!r}: 'xywh' (RefCOCO family) or "
+                     "'xyxy' (ReferIt)")
   for i, t in enumerate(anns):
     if len(t) == 3:
       image, box, expression = t
       box = np.asarray(box, np.float32)
     else:
       image, _, box, expression = t[:4]
-      x, y, w, h = (float(v) for v in box)
-      box = np.array([x, y, x + w, y + h], np.float32)
+      if box_format == "xywh":
+        x, y, w, h = (float(v) for v in box)
+        box = np.array([x, y, x + w, y + h], np.float32)
+      else:
+        box = np.asarray(box, np.float32)
     rid = f"{image}#{i}"
     if not _check_texts([expression], read.counter, rid):
       continue
@@ -277,6 +293,34 @@ def text_corpus(paths: Sequence[str], read: MediaReader) -> Iterator[Record]:
         yield dict(id=rid, texts=[text])
 
 
+def instruction(anns: list[Record], root: str, read: MediaReader) -> Iterator[Record]:
+  """mPLUG-Owl2 instruction JSON (datasets.md 4.1): the cleaned conversation is stored as
+  JSON in texts[0]; `instruction.import_conversation` says which records are bad. A missing
+  image is counted and skipped (officially a random other sample is used instead)."""
+  from mplug2_jax.data import instruction as instruction_lib
+
+  for i, a in enumerate(anns):
+    a = a if isinstance(a, dict) else {"conversations": None}  # malformed -> bad_text below
+    rid = str(a.get("id", i))
+    image = a.get("image")  # absent: a text-only conversation
+    try:
+      turns = instruction_lib.import_conversation(a.get("conversations"), image is not None)
+    except media_lib.BadSample as e:
+      read.counter.add_bad(rid, e.reason, e.detail)
+      continue
+    record = dict(id=rid, texts=[json.dumps(turns, ensure_ascii=False)])
+    if image is None:
+      yield record
+      continue
+    if not image:  # "" would name the image folder itself
+      read.counter.add_bad(rid, "missing", "empty image path")
+      continue
+    path = os.path.join(root, str(image))
+    data = read(path, rid)
+    if data is not None:
+      yield dict(record, media=data, media_format=media_format(path))
+
+
 def load(kind: str, paths: Sequence[str]) -> list[Any]:
   """Annotations for `kind` (grounding split files are torch pickles)."""
   if kind == "grounding":
@@ -293,6 +337,7 @@ IMPORTERS: dict[str, Callable[..., Iterator[Record]]] = {
     "video_caption": video_caption, "video_qa": video_qa, "video_text": video_text,
     "video_retrieval": video_retrieval, "image_text": image_text, "vqa": vqa,
     "kinetics": kinetics, "grounding": grounding,
+    "instruction": instruction,
 }
 
 

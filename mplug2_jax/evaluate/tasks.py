@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mplug2_jax.data import grounding as grounding_lib
 from mplug2_jax.evaluate import generation, metrics
 from mplug2_jax.models import mplug2
 
@@ -68,10 +69,8 @@ def default_eval_config() -> ml_collections.ConfigDict:
   e.text_datasets = ()          # dataset dirs of the split (the CLI fills config.data.mixture)
   e.text_words = 30             # pre_caption word limit / tokens of those texts
   e.max_text_len = 30
-  # Grounding (mPLUG v1): box tokens [unused{first + q}], q = floor(v * bins).
-  e.grounding_prefix = "[unused339]"
-  e.grounding_first = 340
-  e.grounding_bins = 336
+  # Grounding: the box-token scheme is fixed by the training data (data/grounding.py, the
+  # one definition used by the pipeline's targets and by `_predict_grounding`).
   return e
 
 
@@ -581,36 +580,28 @@ def _predict_classification(model_cfg, params, iterator, cfg, tok, log):
   return rows, None
 
 
-def _token_id(tok, token: str) -> int:
-  inner = getattr(tok, "_tok", None)
-  got = inner.token_to_id(token) if inner is not None else None
-  if got is None:
-    raise ValueError(f"{token} is not in the vocabulary")
-  return int(got)
-
-
 def _predict_grounding(model_cfg, params, iterator, cfg, tok, log):
   model = mplug2.build(model_cfg)
   encode = _qa_encoder(model)
   decode = _apply(model, mplug2.Mplug2.decode)
-  bins = int(cfg.grounding_bins)
-  prefix = _token_id(tok, cfg.grounding_prefix)
-  coords = jnp.asarray([_token_id(tok, f"[unused{cfg.grounding_first + q}]")
-                        for q in range(bins + 1)], jnp.int32)
+  # [unused339] prefix, then 4 greedy steps over the 337 coordinate tokens (spec 3.5).
+  prefix, coord_ids = grounding_lib.token_ids(tok)
+  coords = jnp.asarray(coord_ids)
+  steps = grounding_lib.ANSWER_LEN - 1
 
   @jax.jit
   def run(params, video, text_ids, text_mask):
     states, mask = encode(params, video, text_ids, text_mask)
     b = states.shape[0]
-    seq = jnp.zeros((b, 5), jnp.int32).at[:, 0].set(prefix)
-    ones = jnp.ones_like(seq)
+    seq = jnp.zeros((b, steps + 1), jnp.int32).at[:, 0].set(prefix)
+    ones = jnp.ones_like(seq)  # causal: the unfilled positions are never attended to
     qs = []
-    for step in range(4):  # greedy, restricted to the coordinate tokens
+    for step in range(steps):  # greedy, restricted to the coordinate tokens
       logits = decode(params, seq, ones, states, mask)[0][:, step]
       q = jnp.argmax(logits[:, coords], axis=-1)
       seq = seq.at[:, step + 1].set(coords[q])
       qs.append(q)
-    return jnp.stack(qs, axis=1).astype(jnp.float32) / bins  # (cx, cy, w, h)
+    return grounding_lib.dequantize(jnp.stack(qs, axis=1).astype(jnp.float32))  # cx,cy,w,h
 
   rows = []
   for batch, meta, valid in _batches(iterator, cfg, log, "grounding"):
