@@ -25,6 +25,10 @@ _TASK = flags.DEFINE_string("task", "", "Override config.model.task.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0 = config.batch_size).")
 _FRAMES = flags.DEFINE_integer("frames", 0, "Frames per video (0 = config.model.num_frames).")
 _TEXT = flags.DEFINE_integer("text_length", 0, "Text tokens (0 = config.text_length).")
+_ANSWER = flags.DEFINE_integer("answer_length", 0,
+                               "Answer tokens for videoqa/pretrain (0 = --text_length).")
+_DTYPE = flags.DEFINE_string("dtype", "float32",
+                             "Compute dtype (the official CPU baseline is fp32; '' = config's).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak for MFU; 0 = measured matmul ceiling.")
@@ -50,6 +54,8 @@ def main(argv):
     config.model.task = _TASK.value
   if _FRAMES.value:
     config.model.num_frames = _FRAMES.value
+  if _DTYPE.value:
+    config.model.dtype = _DTYPE.value
   config.batch_size = _BATCH.value or config.get("batch_size", 2)
   text_length = _TEXT.value or config.get("text_length", 20)
   config.total_steps = max(config.total_steps, 1000)
@@ -61,7 +67,8 @@ def main(argv):
   print(f"{m.task} {m.size}: batch {batch_size}, {m.num_frames} frames x {m.image_size} px, "
         f"text {text_length}, {m.dtype} compute, mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} {jax.default_backend()} device(s)", flush=True)
-  batch = jax.device_put(common.synthetic_batch(config, batch_size, text_length),
+  batch = jax.device_put(common.synthetic_batch(config, batch_size, text_length,
+                                               answer_length=_ANSWER.value),
                          sharding.batch_sharding(mesh, config))
   trainer = state_lib.Trainer(config, mesh, batch)
   start = time.perf_counter()

@@ -12,12 +12,15 @@ import numpy as np
 from mplug2_jax.models import mplug2
 
 
-def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
-               text_length: int) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(config: ml_collections.ConfigDict, batch_size: int, text_length: int,
+               answer_length: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of every key the task's objective reads (see data/pipeline.py),
-  without allocating anything."""
+  without allocating anything. Answers are `answer_length` tokens (0 = `text_length`)."""
   m = config.model
   spec = dict(jax.eval_shape(lambda: mplug2.dummy_batch(m, batch_size, text_length)))
+  if answer_length and "answer_ids" in spec:
+    for key in ("answer_ids", "answer_mask"):
+      spec[key] = jax.ShapeDtypeStruct((spec[key].shape[0], answer_length), spec[key].dtype)
   i32, f32 = jnp.int32, jnp.float32
   if "caption_ids" in spec:
     spec["caption_labels"] = spec["caption_ids"]
@@ -32,13 +35,13 @@ def batch_spec(config: ml_collections.ConfigDict, batch_size: int,
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, text_length: int,
-                    seed: int = 0) -> dict[str, jax.Array]:
+                    seed: int = 0, answer_length: int = 0) -> dict[str, jax.Array]:
   """Random inputs of `batch_spec`: noise video, random word ids after [CLS], labels as
   the official ones (caption prompt masked), unit answer weights, distinct image ids."""
   m = config.model
   rng = np.random.default_rng(seed)
   out = {}
-  for name, s in batch_spec(config, batch_size, text_length).items():
+  for name, s in batch_spec(config, batch_size, text_length, answer_length).items():
     if name == "video":
       value = rng.normal(size=s.shape).astype(np.float32)
     elif name.endswith("_ids") and name != "image_ids":
