@@ -19,7 +19,10 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "tokenizers>=0.19",
     "av>=12",          # PyAV: video decoding in the input pipeline
-    "Pillow>=10",      # images, GIFs, RandAugment geometry
+    "Pillow>=10",      # images, GIFs, grounding resizes
+    # Train-transform pixel work (bicubic resize, RandAugment warps, normalisation); pinned
+    # because resize rounding and warp kernels change between OpenCV releases.
+    "opencv-python-headless==5.0.0.93",
     "pycocoevalcap==1.2",  # caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); needs Java
     "tensorboardX>=2.6",   # TensorBoard event files from the train loop
     "matplotlib>=3.8",     # loss-curve PNGs

@@ -6,7 +6,9 @@
 Synthesises ~360p (640x360, 30 fps) H.264 clips, builds them into a video-caption dataset,
 then measures
   1. per core: the per-example work (decode 16 frames + train augment + tokenise) and
-     collation in this process, one core;
+     collation in this process, one core: clips per wall-clock second, clips per CPU second
+     of this process (the same on an idle machine; the CPU figure barely moves when other
+     jobs share the core), and CPU ms per clip by stage;
   2. end to end: the Grain loader with `--workers` worker processes (mp_prefetch), reported
      as clips/s and clips/s per worker.
 Target (issue 5): >= 8 clips/s/core at 16 frames, 224 px.
@@ -15,6 +17,7 @@ Target (issue 5): >= 8 clips/s/core at 16 frames, 224 px.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -70,6 +73,36 @@ def make_clips(root: str, n: int, seconds: float, width: int = 640, height: int 
   return path
 
 
+# Stages timed by wrapping the media functions the preprocessor calls (module attributes, so
+# calls from inside media.train_transform are timed too); the rest of the per-clip CPU time
+# is "other": the crop box and flip draws, the uint8 cast, tokenising and collation.
+STAGES = {"decode": "decode", "resize": "resize_bicubic_trunc",
+          "randaug": "temporal_random_augment", "normalize": "normalize"}
+
+
+@contextlib.contextmanager
+def _stage_timers(totals: dict[str, float]):
+  from mplug2_jax.data import media
+
+  def timed(stage, fn):
+    def wrapper(*args, **kwargs):
+      start = time.process_time()
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        totals[stage] += time.process_time() - start
+    return wrapper
+
+  originals = {name: getattr(media, name) for name in STAGES.values()}
+  try:
+    for stage, name in STAGES.items():
+      setattr(media, name, timed(stage, originals[name]))
+    yield totals
+  finally:
+    for name, fn in originals.items():
+      setattr(media, name, fn)
+
+
 def run(clips: int = 24, seconds: float = 4.0, frames: int = 16, size: int = 224,
         workers: int = 2, batch: int = 8, vocab_file: str | None = None,
         randaug: bool = True) -> dict[str, float]:
@@ -94,17 +127,22 @@ def run(clips: int = 24, seconds: float = 4.0, frames: int = 16, size: int = 224
     collate = pipeline.Collate(0)
     recs = [source[i] for i in range(len(source))]
     fn(recs[0], np.random.default_rng(0))  # warm-up (imports, codec init)
-    start = time.perf_counter()
-    n = 0
-    for rep in range(2):
-      examples = []
-      for i, r in enumerate(recs):
-        examples.append(fn(r, np.random.default_rng([rep, i])))
-        if len(examples) == batch:
-          collate(examples)
-          examples = []
-        n += 1
-    per_core = n / (time.perf_counter() - start)
+    stages = dict.fromkeys(STAGES, 0.0)
+    with _stage_timers(stages):
+      start, cpu_start = time.perf_counter(), time.process_time()
+      n = 0
+      for rep in range(2):
+        examples = []
+        for i, r in enumerate(recs):
+          examples.append(fn(r, np.random.default_rng([rep, i])))
+          if len(examples) == batch:
+            collate(examples)
+            examples = []
+          n += 1
+      per_core = n / (time.perf_counter() - start)
+      cpu = time.process_time() - cpu_start
+    stage_ms = {k: 1000 * v / n for k, v in stages.items()}
+    stage_ms["other"] = 1000 * cpu / n - sum(stage_ms.values())
 
     # 2. End to end with worker processes.
     d.num_workers = workers
@@ -120,8 +158,9 @@ def run(clips: int = 24, seconds: float = 4.0, frames: int = 16, size: int = 224
       next(it)
     loader = steps * batch / (time.perf_counter() - start)
     it.close()
-  return {"clips_per_s_per_core": per_core, "loader_clips_per_s": loader,
-          "loader_clips_per_s_per_worker": loader / max(1, workers)}
+  return {"clips_per_s_per_core": per_core, "clips_per_cpu_s": n / cpu,
+          "loader_clips_per_s": loader, "loader_clips_per_s_per_worker": loader / max(1, workers),
+          **{f"cpu_ms_{k}": v for k, v in stage_ms.items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -138,7 +177,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   r = run(a.clips, a.seconds, a.frames, a.size, a.workers, a.batch, a.vocab_file,
           not a.no_randaug)
   print(f"per core (decode {a.frames}f@640x360 + augment to {a.size} + tokenise + collate): "
-        f"{r['clips_per_s_per_core']:.2f} clips/s/core")
+        f"{r['clips_per_s_per_core']:.2f} clips/s/core, "
+        f"{r['clips_per_cpu_s']:.2f} clips per CPU second")
+  print("CPU ms per clip: " + ", ".join(f"{k} {r['cpu_ms_' + k]:.1f}"
+                                        for k in (*STAGES, "other")))
   print(f"loader, {a.workers} workers: {r['loader_clips_per_s']:.2f} clips/s "
         f"({r['loader_clips_per_s_per_worker']:.2f} per worker)")
 
