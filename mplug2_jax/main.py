@@ -43,6 +43,8 @@ def quiet_library_logs() -> None:
 
 def main(argv):
   del argv
+  from mplug2_jax import hostenv
+  hostenv.reexec_with_malloc_hugepages()  # host-side step temporaries (see hostenv.py)
   quiet_library_logs()
   from mplug2_jax.train import distributed
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +139,59 @@ def test_auto_attention_is_xla_on_cpu():
   config.model.attention = "auto"
   out, _ = run(config, batch)
   np.testing.assert_array_equal(out["logits"], ref["logits"])
+
+
+# ---- the attention implementations ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_explicit_attention_matches_jax_nn(dtype):
+  """The explicit (B, N, T, H) formulation (the CPU default) computes what
+  `jax.nn.dot_product_attention` does, with a padding mask, forward and gradients."""
+  from mplug2_jax.models import layers
+
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, s, 4, 16)), dtype) for s in (5, 7, 7))
+  mask = jnp.asarray(np.arange(7) < np.array([[7], [4]]))[:, None, None, :]  # (B,1,1,S)
+
+  def loss(impl, q, k, v):
+    out = layers.attention_op(q, k, v, mask, implementation=impl)
+    return (out.astype(jnp.float32) ** 2).sum(), out
+
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  (l1, o1), g1 = jax.value_and_grad(functools.partial(loss, "xla"), (0, 1, 2), has_aux=True)(q, k, v)
+  (l2, o2), g2 = jax.value_and_grad(functools.partial(loss, "explicit"), (0, 1, 2), has_aux=True)(q, k, v)
+  assert o2.dtype == dtype
+  np.testing.assert_allclose(np.float32(o2), np.float32(o1), atol=tol, rtol=tol)
+  for a, b in zip(g2, g1):
+    np.testing.assert_allclose(np.float32(a), np.float32(b), atol=tol * 4, rtol=tol * 4)
+  # Rows whose keys are masked get no weight: changing them changes nothing.
+  v_changed = v.at[1, 4:].set(100.0)
+  np.testing.assert_array_equal(
+      layers.attention_op(q, k, v_changed, mask, implementation="explicit")[1],
+      layers.attention_op(q, k, v, mask, implementation="explicit")[1])
+
+
+def test_auto_attention_resolves_per_backend():
+  from mplug2_jax.models import layers
+
+  assert jax.default_backend() == "cpu"
+  assert layers.resolve_attention("auto", jnp.float32) == "explicit"
+  assert layers.resolve_attention("cudnn", jnp.float32) == "cudnn"
+  with pytest.raises(ValueError, match="flash"):
+    layers.resolve_attention("flash", jnp.float32)
+
+
+def test_patch_embed_matmul_equals_convolution():
+  """The one-frame patch embedding as a matmul over patches equals the convolution
+  (including a size that leaves a remainder, which a VALID convolution drops)."""
+  rng = np.random.default_rng(0)
+  video = jnp.asarray(rng.normal(size=(2, 3, 35, 33, 3)), jnp.float32)
+  embed = vit.PatchEmbed(8, 7)
+  params = embed.init(jax.random.key(0), video)
+  got = embed.apply(params, video)
+  kernel = nn.unbox(params)["params"]["kernel"]
+  want = jax.lax.conv_general_dilated(video, kernel, (1, 7, 7), "VALID",
+                                      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  assert got.shape == want.shape == (2, 3, 5, 4, 8)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

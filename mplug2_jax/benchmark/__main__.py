@@ -15,6 +15,7 @@ beam-search captioning (videos/s). The config is validated before any compute.
 
 from __future__ import annotations
 
+import os
 import time
 
 from absl import app, flags
@@ -27,6 +28,9 @@ _FRAMES = flags.DEFINE_integer("frames", 0, "Frames per video (0 = config.model.
 _TEXT = flags.DEFINE_integer("text_length", 0, "Text tokens (0 = config.text_length).")
 _ANSWER = flags.DEFINE_integer("answer_length", 0,
                                "Answer tokens for videoqa/pretrain (0 = --text_length).")
+_ACCUM = flags.DEFINE_integer("accum_steps", 1,
+                              "Micro-batches per step (the official CPU baseline: 1; "
+                              "0 = the config's optimizer.accum_steps).")
 _DTYPE = flags.DEFINE_string("dtype", "float32",
                              "Compute dtype (the official CPU baseline is fp32; '' = config's).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
@@ -38,13 +42,15 @@ _GENERATION = flags.DEFINE_bool("generation", True, "Also time beam-search capti
 
 def main(argv):
   del argv
+  from mplug2_jax import hostenv
+  hostenv.reexec_with_malloc_hugepages()  # see hostenv.py: per-step page faults
   import jax
   import jax.numpy as jnp
 
   from mplug2_jax import config_lib, sharding
   from mplug2_jax.benchmark import common
   from mplug2_jax.evaluate import generation
-  from mplug2_jax.models import mplug2
+  from mplug2_jax.models import layers, mplug2
   from mplug2_jax.train import flops as flops_lib
   from mplug2_jax.train import state as state_lib
   from mplug2_jax.train import step as step_lib
@@ -56,6 +62,8 @@ def main(argv):
     config.model.num_frames = _FRAMES.value
   if _DTYPE.value:
     config.model.dtype = _DTYPE.value
+  if _ACCUM.value:
+    config.optimizer.accum_steps = _ACCUM.value
   config.batch_size = _BATCH.value or config.get("batch_size", 2)
   text_length = _TEXT.value or config.get("text_length", 20)
   config.total_steps = max(config.total_steps, 1000)
@@ -66,7 +74,10 @@ def main(argv):
   mesh = sharding.make_mesh(config)
   print(f"{m.task} {m.size}: batch {batch_size}, {m.num_frames} frames x {m.image_size} px, "
         f"text {text_length}, {m.dtype} compute, mesh {dict(mesh.shape)} on "
-        f"{jax.device_count()} {jax.default_backend()} device(s)", flush=True)
+        f"{jax.device_count()} {jax.default_backend()} device(s), attention "
+        f"{layers.resolve_attention(m.attention, m.dtype)}, remat {m.remat_policy}, "
+        f"accum_steps {config.optimizer.accum_steps}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
   batch = jax.device_put(common.synthetic_batch(config, batch_size, text_length,
                                                answer_length=_ANSWER.value),
                          sharding.batch_sharding(mesh, config))

@@ -172,7 +172,26 @@ def activation(name: str) -> Callable[[Array], Array]:
 # Attention.
 # --------------------------------------------------------------------------------------
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "explicit", "auto")
+
+
+def resolve_attention(implementation: str, dtype) -> str:
+  """The implementation `attention_op` runs for a configured one.
+
+  "auto": cuDNN (flash attention) on GPU for bf16/fp16; on CPU the explicit formulation,
+  because XLA:CPU runs its batched matmuls with the batch and head axes leading about 1.5x
+  faster than `jax.nn.dot_product_attention`'s (B, T, N, H) contractions (forward +
+  backward, measured in docs/performance.md); `jax.nn.dot_product_attention` with the XLA
+  implementation elsewhere (TPU).
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
+  if implementation != "auto":
+    return implementation
+  backend = jax.default_backend()
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "explicit" if backend == "cpu" else "xla"
 
 
 def attention_op(
@@ -188,28 +207,29 @@ def attention_op(
   """Scaled dot-product attention, (B, T, N, H) x (B, S, N, H) -> (B, T, N, H).
 
   `mask` is boolean, broadcastable to (B, N, T, S), True where a query may attend.
-  The softmax scale is 1/sqrt(H). With attention-probability dropout (BERT fine-tuning)
-  the probabilities must be materialised, so that case uses the explicit formulation;
-  everything else goes through `jax.nn.dot_product_attention` ("xla", "cudnn", or
-  "auto" = cuDNN on GPU when the dtype allows it, XLA otherwise).
+  The softmax scale is 1/sqrt(H); logits and softmax are float32 whatever the compute dtype.
+  "xla" / "cudnn" call `jax.nn.dot_product_attention`; "explicit" writes softmax(QK^T)V out
+  in (B, N, T, H) layout. Attention-probability dropout (BERT fine-tuning) needs the
+  probabilities materialised, so it always takes the explicit formulation.
   """
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    scale = query.shape[-1] ** -0.5
-    logits = jnp.einsum("btnh,bsnh->bnts", query, key,
-                        preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+  impl = resolve_attention(implementation, query.dtype)
+  dropout = dropout_rate > 0.0 and dropout_rng is not None
+  if impl in ("xla", "cudnn") and not dropout:
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+  # Heads next to the batch axis: the two matmuls become plain batched GEMMs. The query is
+  # scaled before the product (exact for power-of-two head sizes), so no logits-sized
+  # tensor of the constant is ever materialised.
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (query, key, value))
+  q = q * jnp.asarray(query.shape[-1] ** -0.5, q.dtype)
+  logits = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if dropout:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs, value)
-  impl = implementation
-  if impl == "auto":
-    on_gpu = jax.default_backend() == "gpu"
-    impl = "cudnn" if on_gpu and query.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-  return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum("bnts,bnsh->bnth", probs.astype(value.dtype), v)
+  return out.transpose(0, 2, 1, 3)
 
 
 class MultiHeadAttention(nn.Module):

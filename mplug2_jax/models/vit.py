@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -94,6 +95,42 @@ class VisionBlock(nn.Module):
     return x, (x if self.collect else None)
 
 
+class PatchEmbed(nn.Module):
+  """The patch-embedding convolution (no bias): kernel (t_kernel, p, p, 3, width), stride
+  (t_stride, p, p), zero padding t_pad in time -> (B, T', G, G, width).
+
+  Patches do not overlap in space, so with one frame per kernel the convolution is one
+  matmul over flattened p x p x 3 patches; that is what runs then, because XLA:CPU computes
+  this convolution's kernel gradient inside an accumulation loop ~70x slower than the
+  equivalent matmul (docs/performance.md). The parameter is the convolution's either way.
+  """
+
+  width: int
+  patch: int
+  t_kernel: int = 1
+  t_stride: int = 1
+  t_pad: int = 0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, video: Array) -> Array:
+    p = self.patch
+    kernel = self.param(
+        "kernel", layers.param_init(nn.initializers.lecun_normal(),
+                                    ("conv_time", "conv_height", "conv_width", "conv_in", "embed")),
+        (self.t_kernel, p, p, video.shape[-1], self.width), self.param_dtype).astype(self.dtype)
+    if self.t_kernel == 1 and self.t_stride == 1 and self.t_pad == 0:
+      b, t, h, w, c = video.shape
+      gh, gw = h // p, w // p  # a remainder is dropped, as by a VALID convolution
+      patches = video[:, :, :gh * p, :gw * p].reshape(b, t, gh, p, gw, p, c)
+      return jnp.einsum("btgpwqc,pqcd->btgwd", patches, kernel[0])
+    return jax.lax.conv_general_dilated(
+        video, kernel, window_strides=(self.t_stride, p, p),
+        padding=((self.t_pad, self.t_pad), (0, 0), (0, 0)),
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
 class VideoEncoder(nn.Module):
   """The dual-vision encoder (CLIP ViT + local temporal modules).
 
@@ -119,12 +156,7 @@ class VideoEncoder(nn.Module):
       t_kernel, t_stride, t_pad = 3, cfg.temporal_stride, 1
     else:
       t_kernel, t_stride, t_pad = 1, 1, 0
-    x = nn.Conv(width, (t_kernel, p, p), strides=(t_stride, p, p),
-                padding=((t_pad, t_pad), (0, 0), (0, 0)), use_bias=False,
-                kernel_init=layers.param_init(
-                    nn.initializers.lecun_normal(),
-                    ("conv_time", "conv_height", "conv_width", "conv_in", "embed")),
-                name="patch_embed", **kw)(video)  # (B, T', G, G, C)
+    x = PatchEmbed(width, p, t_kernel, t_stride, t_pad, name="patch_embed", **kw)(video)
     frames, grid = x.shape[1], x.shape[2]
     x = x.reshape(batch * frames, grid * grid, width)
     cls = self.param("class_embedding", layers.param_init(nn.initializers.normal(0.02), ("embed",)),
