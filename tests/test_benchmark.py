@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from mplug2_jax import config_lib, sharding
 from mplug2_jax.benchmark import common, roofline
@@ -56,3 +57,20 @@ def test_collective_bytes_parse_hlo_results():
   assert got["all-reduce"] == (256 + 256) * 4
   assert got["reduce-scatter"] == 16 * 4
   assert got["all-to-all"] == 0
+
+
+def test_roofline_prediction_by_hand():
+  """The roofline arithmetic on round numbers (H100: 989 TFLOP/s x 0.75, 3.35 TB/s, 450 GB/s)."""
+  raw = dict(model_flops=742e12 * 0.1, remat="full", argument_bytes=2**30,
+             temp_bytes=2**30, collective_bytes={"all-gather": 9e9, "all-reduce": 0.0})
+  p = roofline.predict(raw, "H100 SXM (8-GPU NVLink node)", overlap=0.8)
+  executed = 74.2e12 * 4 / 3
+  assert p["t_compute"] == pytest.approx(executed / (989e12 * 0.75))
+  assert p["t_memory"] == pytest.approx(3 * 2**30 / 3.35e12)
+  assert p["t_comm"] == pytest.approx(9e9 / 450e9)
+  assert p["step"] == pytest.approx(p["t_compute"] + 0.2 * 0.02)
+  assert p["mfu"] == pytest.approx(74.2e12 / (p["step"] * 989e12))
+  assert p["fits"] and p["memory_gib"] == pytest.approx(2.0)
+  # Without recomputation the same step is 3/4 of the compute time.
+  q = roofline.predict(dict(raw, remat="dots_saveable"), "H100 SXM (8-GPU NVLink node)")
+  assert q["t_compute"] == pytest.approx(p["t_compute"] * 0.75)

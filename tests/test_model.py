@@ -195,3 +195,31 @@ def test_patch_embed_matmul_equals_convolution():
                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
   assert got.shape == want.shape == (2, 3, 5, 4, 8)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "causal"])
+def test_chunked_attention_matches_explicit(monkeypatch, mask_kind):
+  """Query blocks (here 4 queries, 11 = 2 full blocks + a padded one) give the explicit
+  result and gradients, for no mask, a key-padding mask and a per-query (causal) mask."""
+  from mplug2_jax.models import layers
+
+  monkeypatch.setattr(layers, "ATTENTION_CHUNK", 4)
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 11, 3, 8)), jnp.float32) for _ in range(3))
+  mask = {"none": None,
+          "keys": jnp.asarray(np.arange(11) < np.array([[11], [6]]))[:, None, None, :],
+          "causal": jnp.tril(jnp.ones((11, 11), bool))[None, None]}[mask_kind]
+
+  def loss(impl, q, k, v):
+    out = layers.attention_op(q, k, v, mask, implementation=impl)
+    return (out * jnp.arange(out.size).reshape(out.shape) / out.size).sum(), out
+
+  (l1, o1), g1 = jax.value_and_grad(functools.partial(loss, "explicit"), (0, 1, 2), has_aux=True)(q, k, v)
+  (l2, o2), g2 = jax.value_and_grad(functools.partial(loss, "chunked"), (0, 1, 2), has_aux=True)(q, k, v)
+  np.testing.assert_allclose(o2, o1, atol=1e-5, rtol=1e-5)
+  for a, b in zip(g2, g1):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  # With dropout every block draws its own mask: still the right shape and finite.
+  out = layers.attention_op(q, k, v, mask, implementation="chunked", dropout_rate=0.5,
+                            dropout_rng=jax.random.key(1))
+  assert out.shape == q.shape and bool(jnp.isfinite(out).all())

@@ -37,6 +37,8 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak for MFU; 0 = measured matmul ceiling.")
 _ENCODER = flags.DEFINE_bool("encoder", True, "Also time the video-encoder forward.")
+_PROFILE = flags.DEFINE_string("profile", "", "Trace one train step into this directory and "
+                                "print the top XLA operations and time per kind of operation.")
 _GENERATION = flags.DEFINE_bool("generation", True, "Also time beam-search captioning.")
 
 
@@ -142,6 +144,15 @@ def main(argv):
   width = max(len(name) for name, _ in rows)
   for name, value in rows:
     print(f"  {name:<{width}}  {value}")
+  if _PROFILE.value:
+    ops = common.profile_top_ops(one_step, _PROFILE.value, compiled.as_text(), top=10_000)
+    total = sum(seconds for _, seconds, *_ in ops)
+    print(f"profile of one train step: {total:.2f} s in XLA operations; share per kind:")
+    for kind, share in list(common.op_kind_shares(ops).items())[:8]:
+      print(f"  {kind:<40} {100 * share:5.1f}%")
+    print("top operations (seconds, executions, result, source):")
+    for name, seconds, n, shape, source in ops[:15]:
+      print(f"  {seconds:7.3f} s x{n:<3d} {name:<32} {shape:<28} {source[-90:]}")
 
 
 if __name__ == "__main__":

@@ -92,3 +92,56 @@ def timed(fn, *args, steps: int, warmup: int = 1):
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return float(np.median(times))
+
+
+def profile_top_ops(fn, trace_dir: str, hlo_text: str, top: int = 15
+                    ) -> list[tuple[str, float, int, str, str]]:
+  """Runs `fn()` once under `jax.profiler` and returns the `top` XLA:CPU operations by
+  total time: (instruction, seconds, executions, result shape, JAX source op_name).
+
+  Durations are the runtime's per-thunk trace events; executions > 1 are scanned layers
+  (one event per layer). Control flow (while / conditional / call) is left out: its event
+  spans the operations of its body, which are counted themselves. The HLO text of the
+  compiled step names each instruction's shape and source.
+  """
+  import collections
+  import glob
+  import re
+
+  jax.profiler.start_trace(trace_dir)
+  jax.block_until_ready(fn())
+  jax.profiler.stop_trace()
+  path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+  total: collections.Counter = collections.Counter()
+  count: collections.Counter = collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      if "PjRtCpuClient" not in line.name and "XLAEigen" not in line.name:
+        continue
+      for event in line.events:
+        name = event.name
+        if name.startswith(("ThreadpoolListener", "end:", "ThunkExecutor", "SlinkyThreadPool",
+                            "while", "conditional", "call")):
+          continue
+        total[name] += event.duration_ns / 1e9
+        count[name] += 1
+  info = {}
+  for text in hlo_text.splitlines():
+    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", text)
+    if match:
+      source = re.search(r'op_name="([^"]*)"', text)
+      info[match.group(1)] = (match.group(2), source.group(1) if source else "")
+  return [(name, seconds, count[name], *info.get(name, ("?", "")))
+          for name, seconds in total.most_common(top)]
+
+
+def op_kind_shares(rows) -> dict[str, float]:
+  """Share of time per kind of operation (instruction name without its number)."""
+  import re
+
+  kinds: dict[str, float] = {}
+  for name, seconds, *_ in rows:
+    kind = re.sub(r"\.\d+$", "", name)
+    kinds[kind] = kinds.get(kind, 0.0) + seconds
+  total = sum(kinds.values()) or 1.0
+  return {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}

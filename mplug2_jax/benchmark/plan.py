@@ -6,24 +6,19 @@ r"""Accelerator plan by AOT compilation on fake CPU meshes, plus a roofline pred
 Compiles (never runs) the real pretraining train step for `--devices` fake CPU devices with
 the given data/fsdp/tensor mesh, bf16 compute and fp32 parameters, and reports per device:
 argument bytes (parameters, optimizer state, EMA, queues), temporary bytes
-(`compiled.memory_analysis()`), FLOPs (`cost_analysis()`), and the bytes each kind of
-collective moves (parsed from the compiled HLO). A roofline model turns these into a
-predicted step time and MFU for an accelerator:
-
-  t_compute    = FLOPs per device / peak bf16 FLOP/s
-  t_memory     = (argument + 2 x temporary bytes) / HBM bandwidth   (a lower bound on traffic)
-  t_collective = sum over collectives of bytes x algorithm factor / link bandwidth
-  step time    = max(t_compute, t_memory) + (1 - overlap) x t_collective
-
-with `overlap` the fraction of collective time hidden behind compute (XLA's async
-collectives with FSDP prefetch; 0.8 by default, a stated assumption). MFU = model FLOPs /
-(step time x peak). Hardware numbers are the published ones (module constants).
+(`compiled.memory_analysis()`), the analytic model FLOPs (`train/flops.py`; XLA's cost
+analysis counts a scanned layer stack once), and the bytes each kind of collective moves
+(parsed from the compiled HLO). `roofline.py` turns these into a predicted step time and MFU
+per accelerator (its docstring has the model and its stated assumptions); `--out` saves the
+raw figures so that predictions can be redone without recompiling.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 
 from absl import app, flags
 
@@ -35,6 +30,13 @@ _FRAMES = flags.DEFINE_integer("frames", 16, "Frames per video.")
 _TEXT = flags.DEFINE_integer("text_length", 30, "Text tokens.")
 _REMAT = flags.DEFINE_string("remat", "full", "Remat policy name (models/layers.py).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
+_ATTENTION = flags.DEFINE_string(
+    "attention", "chunked",
+    "Attention implementation compiled (models/layers.py). 'chunked' stands in for the fused "
+    "kernels that do not compile for CPU (cuDNN flash attention, TPU Pallas): all three keep "
+    "the (T x S) probabilities of the 4,097 visual tokens out of memory.")
+_OUT = flags.DEFINE_string("out", "", "Write the raw per-device figures here (JSON), for "
+                           "`python -m mplug2_jax.benchmark.roofline FILE...`.")
 _OVERLAP = flags.DEFINE_float("overlap", 0.8, "Fraction of collective time hidden by compute.")
 
 def main(argv):
@@ -49,7 +51,8 @@ def main(argv):
 
   from mplug2_jax import config_lib, sharding
   from mplug2_jax.benchmark import common
-  from mplug2_jax.benchmark.roofline import ALGORITHM_FACTOR, HARDWARE, collective_bytes
+  from mplug2_jax.benchmark import roofline
+  from mplug2_jax.benchmark.roofline import HARDWARE, collective_bytes
   from mplug2_jax.train import state as state_lib
   from mplug2_jax.train import flops as flops_lib
   from mplug2_jax.train import step as step_lib
@@ -60,7 +63,8 @@ def main(argv):
   config = namespace["get_config"](arg or None)
   mesh_shape = eval(_MESH.value) if _MESH.value else (1, devices, 1)  # noqa: S307
   config.mesh.shape = tuple(mesh_shape)
-  config.model.update(dtype=_DTYPE.value, remat_policy=_REMAT.value, num_frames=_FRAMES.value)
+  config.model.update(dtype=_DTYPE.value, remat_policy=_REMAT.value, num_frames=_FRAMES.value,
+                      attention=_ATTENTION.value)
   config.batch_size = devices * _PER_DEVICE.value // (mesh_shape[2] if len(mesh_shape) > 2 else 1)
   config.total_steps = max(config.get("total_steps", 0), 1000)
   config.objective.queue_size = max(config.batch_size, config.objective.queue_size //
@@ -72,10 +76,14 @@ def main(argv):
            for k, v in common.batch_spec(config, config.batch_size, _TEXT.value).items()}
   print(f"{config.model.task} {config.model.size}: global batch {config.batch_size} "
         f"({_FRAMES.value} frames x {config.model.image_size} px), mesh {dict(mesh.shape)}, "
-        f"{_DTYPE.value} compute, remat {_REMAT.value}", flush=True)
+        f"{_DTYPE.value} compute, remat {_REMAT.value}, attention {_ATTENTION.value}",
+        flush=True)
   trainer = state_lib.Trainer(config, mesh, batch)
   abstract_state = trainer.abstract_sharded_state()
+  start = time.perf_counter()
   compiled = step_lib.JittedStep(trainer).lower(abstract_state, batch).compile()
+  compile_s = time.perf_counter() - start
+  print(f"compiled in {compile_s:.0f} s", flush=True)
   memory = compiled.memory_analysis()
   xla_flops = float(flops_lib.xla_cost(compiled).get("flops", 0.0))
   # XLA counts a scanned layer stack once; the analytic count is the model's (global batch,
@@ -89,14 +97,17 @@ def main(argv):
         f"{xla_flops / 1e12:.2f}, scanned stacks counted once)")
   print("collective bytes per device: " + ", ".join(
       f"{k} {v / 2**30:.2f} GiB" for k, v in comm.items() if v))
-  for name, hw in HARDWARE.items():
-    t_compute = flops / hw["flops"]
-    t_memory = (args_b + 2 * temp_b) / hw["hbm"]
-    t_comm = sum(v * ALGORITHM_FACTOR[k] for k, v in comm.items()) / hw["link"]
-    step = max(t_compute, t_memory) + (1 - _OVERLAP.value) * t_comm
-    print(f"  {name}: compute {t_compute * 1e3:.0f} ms, memory {t_memory * 1e3:.0f} ms, "
-          f"collectives {t_comm * 1e3:.0f} ms -> step {step * 1e3:.0f} ms, "
-          f"MFU {100 * t_compute / step:.0f}%")
+  raw = dict(config=_CONFIG.value, devices=devices, mesh=list(mesh_shape),
+             per_device_batch=_PER_DEVICE.value, frames=_FRAMES.value, dtype=_DTYPE.value,
+             remat=_REMAT.value, attention=_ATTENTION.value, compile_s=compile_s,
+             argument_bytes=args_b, temp_bytes=temp_b, model_flops=flops,
+             xla_flops=xla_flops, collective_bytes=comm)
+  for name in HARDWARE:
+    print("  " + roofline.format_prediction(name, roofline.predict(raw, name, _OVERLAP.value)))
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(raw, f, indent=1)
+    print(f"raw figures -> {_OUT.value}")
   sys.stdout.flush()
 
 

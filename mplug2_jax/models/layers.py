@@ -172,7 +172,8 @@ def activation(name: str) -> Callable[[Array], Array]:
 # Attention.
 # --------------------------------------------------------------------------------------
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "explicit", "auto")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "explicit", "chunked", "auto")
+ATTENTION_CHUNK = 512  # queries per block of the "chunked" implementation
 
 
 def resolve_attention(implementation: str, dtype) -> str:
@@ -209,13 +210,24 @@ def attention_op(
   `mask` is boolean, broadcastable to (B, N, T, S), True where a query may attend.
   The softmax scale is 1/sqrt(H); logits and softmax are float32 whatever the compute dtype.
   "xla" / "cudnn" call `jax.nn.dot_product_attention`; "explicit" writes softmax(QK^T)V out
-  in (B, N, T, H) layout. Attention-probability dropout (BERT fine-tuning) needs the
-  probabilities materialised, so it always takes the explicit formulation.
+  in (B, N, T, H) layout; "chunked" runs it over blocks of ATTENTION_CHUNK queries, each
+  recomputed in the backward pass (long sequences without a fused kernel). Attention-
+  probability dropout (BERT fine-tuning) needs the probabilities materialised, so with
+  dropout "xla" and "cudnn" take the explicit formulation.
   """
   impl = resolve_attention(implementation, query.dtype)
   dropout = dropout_rate > 0.0 and dropout_rng is not None
   if impl in ("xla", "cudnn") and not dropout:
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+  if impl == "chunked" and query.shape[1] > ATTENTION_CHUNK:
+    return _chunked_attention(query, key, value, mask, dropout_rate if dropout else 0.0,
+                              dropout_rng)
+  return _explicit_attention(query, key, value, mask, dropout_rate if dropout else 0.0,
+                             dropout_rng)
+
+
+def _explicit_attention(query, key, value, mask, dropout_rate, dropout_rng):
+  """softmax(Q K^T / sqrt(H)) V written out, with optional probability dropout."""
   # Heads next to the batch axis: the two matmuls become plain batched GEMMs. The query is
   # scaled before the product (exact for power-of-two head sizes), so no logits-sized
   # tensor of the constant is ever materialised.
@@ -225,11 +237,56 @@ def attention_op(
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  if dropout:
+  if dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
   out = jnp.einsum("bnts,bnsh->bnth", probs.astype(value.dtype), v)
   return out.transpose(0, 2, 1, 3)
+
+
+def _chunked_attention(query, key, value, mask, dropout_rate, dropout_rng):
+  """The explicit formulation over blocks of ATTENTION_CHUNK queries, each block
+  rematerialised in the backward pass: memory O(chunk x S) per head instead of O(T x S).
+
+  The XLA path for long sequences where no fused kernel compiles (the 4,097 visual tokens
+  of 16 frames at 224 px: one (B, N, T, S) float32 tensor is 4.3 GB at batch 4 with 16
+  heads); on GPU "cudnn" and on TPU a Pallas kernel avoid the materialisation instead.
+  Dropout draws per block from fold_in(rng, block), so its mask differs from "explicit".
+  """
+  b, t, n, h = query.shape
+  chunk = ATTENTION_CHUNK
+  blocks = -(-t // chunk)
+  pad = blocks * chunk - t
+  q = jnp.pad(query, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  q = q.reshape(b, blocks, chunk, n, h).swapaxes(0, 1)            # (blocks, B, C, N, H)
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[2] == 1:  # the same for every query: shared by all blocks
+      masks = None
+    else:
+      masks = jnp.pad(jnp.broadcast_to(mask, mask.shape[:2] + (t, mask.shape[3])),
+                      ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+      masks = masks.reshape(mask.shape[:2] + (blocks, chunk, mask.shape[3]))
+      masks = jnp.moveaxis(masks, 2, 0)                            # (blocks, B|1, N|1, C, S)
+  else:
+    masks = None
+  rng = dropout_rng if dropout_rate > 0.0 else jax.random.key(0)
+
+  @jax.checkpoint
+  def block(q_block, mask_block, index):
+    m = mask if masks is None else mask_block
+    return _explicit_attention(q_block, key, value, m, dropout_rate,
+                               jax.random.fold_in(rng, index))
+
+  def body(_, xs):
+    q_block, mask_block, index = xs
+    return None, block(q_block, mask_block, index)
+
+  dummy = jnp.zeros((blocks,), jnp.int32) if masks is None else masks
+  _, out = jax.lax.scan(body, None, (q, dummy, jnp.arange(blocks)))
+  out = out.swapaxes(0, 1).reshape(b, blocks * chunk, n, h)
+  return out[:, :t]
 
 
 class MultiHeadAttention(nn.Module):
