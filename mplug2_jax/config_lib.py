@@ -73,8 +73,9 @@ def model_config(size: str = "tiny", task: str = "videoqa") -> ml_collections.Co
   m.num_frames = INPUT_PRESETS[size]["num_frames"]  # frames per video (an image is 1 frame)
   m.dtype = "float32"         # compute dtype; "bfloat16" on accelerators
   m.param_dtype = "float32"   # storage dtype of the parameters
-  m.attention = "auto"        # "auto" (cuDNN on GPU for bf16/fp16, "explicit" on CPU, "xla"
-                              # on TPU) | "xla" | "cudnn" | "explicit" (models/layers.py)
+  m.attention = "auto"        # "auto" (cuDNN on GPU for bf16/fp16, "explicit" on CPU,
+                              # "chunked" on TPU) | "xla" | "cudnn" | "explicit" | "chunked"
+                              # (models/layers.py)
   m.remat_policy = "none"     # "none" (fast, memory-hungry) | "dots_with_no_batch_dims_saveable"
                               # | "dots_saveable" | "full" (slowest, leanest)
   m.embed_dim = 256           # ITC projection width

@@ -182,8 +182,9 @@ def resolve_attention(implementation: str, dtype) -> str:
   "auto": cuDNN (flash attention) on GPU for bf16/fp16; on CPU the explicit formulation,
   because XLA:CPU runs its batched matmuls with the batch and head axes leading about 1.5x
   faster than `jax.nn.dot_product_attention`'s (B, T, N, H) contractions (forward +
-  backward, measured in docs/performance.md); `jax.nn.dot_product_attention` with the XLA
-  implementation elsewhere (TPU).
+  backward, measured in docs/performance.md); elsewhere (TPU) "chunked", which is the
+  explicit formulation up to ATTENTION_CHUNK queries and keeps the probabilities of longer
+  sequences (the 4,097 visual tokens of 16 frames) out of memory.
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
@@ -192,7 +193,7 @@ def resolve_attention(implementation: str, dtype) -> str:
   backend = jax.default_backend()
   if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
-  return "explicit" if backend == "cpu" else "xla"
+  return "explicit" if backend == "cpu" else "chunked"
 
 
 def attention_op(
