@@ -91,14 +91,13 @@ class Preprocessor:
 
   # ---- visual --------------------------------------------------------------------------
 
-  def video(self, record: dict, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decoded, transformed, normalised clip and the decoded (height, width)."""
+  def video(self, record: dict, rng: np.random.Generator) -> np.ndarray:
+    """Decoded, transformed, normalised clip."""
     fmt = _as_text(record["media_format"])
     window = (float(record["start_time"]), float(record["end_time"]))
     clip = media.decode(record["media"], fmt, self.num_frames,
                         "rand" if self.train else "middle", rng,
                         window if window[0] else None)
-    size = clip.shape[1:3]
     if clip.shape[0] == 1 and self.c.repeat_images:
       clip = np.repeat(clip, self.num_frames, axis=0)
     if self.train:
@@ -106,7 +105,7 @@ class Preprocessor:
                                    tuple(self.c.crop_scale), self.c.get("hflip", True))
     else:
       clip = media.eval_transform(clip, self.image_size)
-    return media.normalize(clip), size
+    return media.normalize(clip)
 
   def grounding(self, record: dict, rng: np.random.Generator) -> dict[str, Any]:
     """Image, expression, box and box-token targets with the official grounding geometry
@@ -162,7 +161,7 @@ class Preprocessor:
     if task == "grounding":
       ex.update(self.grounding(record, rng))
     elif task != "text":
-      ex["video"], _ = self.video(record, rng)
+      ex["video"] = self.video(record, rng)
     if task == "caption":
       caption = self._cleaned(text_lib.pre_caption, self._pick_text(record, rng), c.caption_words)
       ex.update(text_lib.encode_caption(

@@ -260,32 +260,23 @@ def _chunked_attention(query, key, value, mask, dropout_rate, dropout_rng):
   pad = blocks * chunk - t
   q = jnp.pad(query, ((0, 0), (0, pad), (0, 0), (0, 0)))
   q = q.reshape(b, blocks, chunk, n, h).swapaxes(0, 1)            # (blocks, B, C, N, H)
+  xs = {"query": q, "index": jnp.arange(blocks)}
   if mask is not None:
     mask = jnp.asarray(mask)
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    if mask.shape[2] == 1:  # the same for every query: shared by all blocks
-      masks = None
-    else:
-      masks = jnp.pad(jnp.broadcast_to(mask, mask.shape[:2] + (t, mask.shape[3])),
-                      ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
-      masks = masks.reshape(mask.shape[:2] + (blocks, chunk, mask.shape[3]))
-      masks = jnp.moveaxis(masks, 2, 0)                            # (blocks, B|1, N|1, C, S)
-  else:
-    masks = None
+    if mask.shape[2] > 1:  # differs per query: each block gets its rows (else shared)
+      rows = jnp.pad(jnp.broadcast_to(mask, mask.shape[:2] + (t, mask.shape[3])),
+                     ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+      rows = rows.reshape(mask.shape[:2] + (blocks, chunk, mask.shape[3]))
+      xs["mask"] = jnp.moveaxis(rows, 2, 0)                       # (blocks, B|1, N|1, C, S)
   rng = dropout_rng if dropout_rate > 0.0 else jax.random.key(0)
 
   @jax.checkpoint
-  def block(q_block, mask_block, index):
-    m = mask if masks is None else mask_block
-    return _explicit_attention(q_block, key, value, m, dropout_rate,
-                               jax.random.fold_in(rng, index))
+  def block(x):
+    return _explicit_attention(x["query"], key, value, x.get("mask", mask), dropout_rate,
+                               jax.random.fold_in(rng, x["index"]))
 
-  def body(_, xs):
-    q_block, mask_block, index = xs
-    return None, block(q_block, mask_block, index)
-
-  dummy = jnp.zeros((blocks,), jnp.int32) if masks is None else masks
-  _, out = jax.lax.scan(body, None, (q, dummy, jnp.arange(blocks)))
+  _, out = jax.lax.scan(lambda carry, x: (carry, block(x)), None, xs)
   out = out.swapaxes(0, 1).reshape(b, blocks * chunk, n, h)
   return out[:, :t]
 
