@@ -16,15 +16,20 @@ from mplug2_jax.train import step as step_lib
 from conftest import REPO
 
 
-def test_benchmark_cli_runs_the_tiny_train_step():
+def test_benchmark_cli_runs_the_tiny_train_step(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "mplug2_jax.benchmark", f"--config={REPO}/configs/caption.py:tiny",
-       "--steps=2", "--warmup=1"], capture_output=True, text=True, timeout=600, cwd=REPO,
+       "--steps=2", "--warmup=1", f"--profile={tmp_path}"], capture_output=True, text=True,
+      timeout=600, cwd=REPO,
       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})  # one real CPU device
   assert result.returncode == 0, result.stderr[-2000:]
   for field in ("train step (median)", "samples/s", "XLA cost analysis", "MFU",
-                "beam-search captioning"):
+                "before / after the steps", "beam-search captioning", "top operations"):
     assert field in result.stdout, result.stdout
+  # The profile names the compiled step's operations; its HLO is kept beside the trace.
+  hlo = (tmp_path / "train_step.hlo.txt").read_text()
+  top = result.stdout.split("top operations")[1].splitlines()[1].split()[3]
+  assert f"%{top} = " in hlo, (top, result.stdout)
 
 
 def test_train_step_compiles_once_per_shape():
