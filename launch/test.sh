@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh test,torch
-exec .venv/bin/python -m pytest tests -q -n 2 --durations=10 -m "${MARKERS-not slow}" "$@"
+exec .venv/bin/python -m pytest tests -q -n 2 --dist loadscope --durations=10 -m "${MARKERS-not slow}" "$@"
