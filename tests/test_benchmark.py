@@ -79,3 +79,13 @@ def test_roofline_prediction_by_hand():
   # Without recomputation the same step is 3/4 of the compute time.
   q = roofline.predict(dict(raw, remat="dots_saveable"), "H100 SXM (8-GPU NVLink node)")
   assert q["t_compute"] == pytest.approx(p["t_compute"] * 0.75)
+
+
+def test_matmul_forms_cli_times_every_operand_order():
+  result = subprocess.run(
+      [sys.executable, "-m", "mplug2_jax.benchmark.matmul_forms", "--tokens=64", "--width=32",
+       "--hidden=48", "--repeats=1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [l for l in result.stdout.splitlines() if "GFLOP/s" in l]
+  assert len(lines) == 4, result.stdout
+  assert all(float(l.split()[-2]) > 0 for l in lines), result.stdout
