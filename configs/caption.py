@@ -14,30 +14,30 @@ schedule counts optimizer steps, so warm-up = 200 / 2), 224 px, 16 frames, promp
 
 Arguments: size (tiny|base|large), data=DIR (a built video_caption dataset),
 train_examples (captions per epoch; MSRVTT: 6513 train videos x 20 = 130260),
-epochs (10), init=DIR (orbax params from `python -m mplug2_jax.convert import-official`).
+epochs (10), init=DIR (a parameters directory from `python -m mplug2_jax.convert
+import-official`), vocab=FILE (BERT vocab.txt; default the shipped bert-base-uncased), synthetic=1
+(random batches instead of a dataset: timing runs; without data= the config fails).
 
   python -m mplug2_jax.main --config configs/caption.py:large,data=/data/msrvtt_caption,init=/ckpt/mplug2_large \
       --workdir /runs/caption_msrvtt
 """
 
-import math
-
-from mplug2_jax import config_lib
+from mplug2_jax import config_lib, experiment
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, size="large", data="", train_examples=130260, epochs=10,
-                           init="")
-  config = config_lib.base_config(a.size, task="caption")
+                           init="", vocab="bert-base-uncased", synthetic=False)
+  config = experiment.base_config(a.size, task="caption")
   accum = 2                                          # official --accum_steps default
   per_iteration = 2 if a.size == "tiny" else 32      # official: 4 per GPU x 8 GPUs
   config.batch_size = per_iteration * accum          # examples per optimizer step
-  config.text_length = 20                            # official caption max_length
   config.model.dtype = "float32" if a.size == "tiny" else "bfloat16"  # official --do_amp
 
   d = config.data
   d.mixture = ((a.data, 1.0),) if a.data else ()
   d.task = "caption"
+  d.vocab_file = a.vocab
   d.max_caption_len = 20
   d.caption_prompt = "a video of"
 
@@ -47,8 +47,8 @@ def get_config(arg=None):
   o = config.optimizer
   o.accum_steps = accum
   o.warmup_steps = 200 // accum                      # 200 iterations
-  steps_per_epoch = math.ceil(a.train_examples / config.batch_size)
-  config.total_steps = a.epochs * steps_per_epoch
+  config.total_steps, steps_per_epoch = config_lib.steps_for_epochs(
+      a.epochs, a.train_examples, config.batch_size)
 
   config.checkpoint.every_steps = steps_per_epoch   # official: evaluates/saves every epoch
   config.eval_every_steps = steps_per_epoch          # official: evaluates every epoch
@@ -56,7 +56,7 @@ def get_config(arg=None):
   config.log_every_steps = 50
   config.peak_tflops = 0.0    # per-device peak for MFU, e.g. 197 (v4), 459 (v5p), 989 (H100 bf16)
   config.init_checkpoint = a.init
-  config.synthetic_data = not a.data
+  config.synthetic_data = a.synthetic
   config.seed = 42                                   # official: 42 + rank
-  # Decoding for evaluation: config.eval (beam 5; evaluate/tasks.py GENERATION_DEFAULTS).
+  # Decoding for evaluation: config.eval (beam 5; evaluate/common.py GENERATION_DEFAULTS).
   return config

@@ -9,25 +9,23 @@ weight decay 0.02, cosine_step, 200 warm-up iterations from 1e-6, min_lr 1e-6, 1
 
 Arguments: size (tiny|base|large), classes (400|600|700), data=DIR (a built kinetics
 dataset), train_examples (K400: 240000 clips), epochs (10), init=DIR, smoothing (label
-smoothing, 0).
+smoothing, 0), synthetic=1 (random batches instead of a dataset: timing runs; without
+data= the config fails).
 
   python -m mplug2_jax.main --config configs/classification.py:large,classes=400,data=/data/k400,init=/ckpt/mplug2_large \
       --workdir /runs/k400
   python -m mplug2_jax.benchmark --config "configs/classification.py:size=large,classes=600"
 """
 
-import math
-
-from mplug2_jax import config_lib
+from mplug2_jax import config_lib, experiment
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, size="large", classes=400, data="", train_examples=240000,
-                           epochs=10, init="", smoothing=0.0)
-  config = config_lib.base_config(a.size, task="classification")
+                           epochs=10, init="", smoothing=0.0, synthetic=False)
+  config = experiment.base_config(a.size, task="classification")
   config.model.num_classes = a.classes
   config.batch_size = 2 if a.size == "tiny" else 32  # 4 per GPU x 8 GPUs
-  config.text_length = 1
   config.model.dtype = "float32" if a.size == "tiny" else "bfloat16"
 
   d = config.data
@@ -39,13 +37,13 @@ def get_config(arg=None):
   # from 1e-6, min_lr 1e-6, no clipping.
   config.objective.label_smoothing = a.smoothing
 
-  steps_per_epoch = math.ceil(a.train_examples / config.batch_size)
-  config.total_steps = a.epochs * steps_per_epoch
+  config.total_steps, steps_per_epoch = config_lib.steps_for_epochs(
+      a.epochs, a.train_examples, config.batch_size)
   config.checkpoint.every_steps = steps_per_epoch
   config.eval_every_steps = steps_per_epoch          # top-1 / top-5 every epoch
   config.checkpoint.best_metric = "eval/top1"
   config.log_every_steps = 50
   config.init_checkpoint = a.init
-  config.synthetic_data = not a.data
+  config.synthetic_data = a.synthetic
   config.seed = 42
   return config

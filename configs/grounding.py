@@ -25,23 +25,23 @@ testA / testB or test, `python -m mplug2_jax.data.build --kind grounding`),
 train_examples (expressions per epoch; default 120624, the RefCOCO (unc) train split
 [check against your build]), epochs (10), frames (0 = 16; tiny: 1), init=DIR (orbax params
 converted for this config: the CLIP positional table is resized to the 24 x 24 grid of 336 px,
-`python -m mplug2_jax.convert import-official --config configs/grounding.py:large ...`).
+`python -m mplug2_jax.convert import-official --config configs/grounding.py:large ...`),
+vocab=FILE (BERT vocab.txt; default the shipped bert-base-uncased), synthetic=1
+(random batches instead of a dataset: timing runs; without data= the config fails).
 
   python -m mplug2_jax.main --config configs/grounding.py:large,data=/data/refcoco,init=/ckpt/mplug2_large \
       --workdir /runs/grounding_refcoco
 """
 
-import math
-
-from mplug2_jax import config_lib
+from mplug2_jax import config_lib, experiment
 from mplug2_jax.data import grounding
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, size="large", data="", train_examples=120624, epochs=10,
-                           frames=0, init="")
+                           frames=0, init="", vocab="bert-base-uncased", synthetic=False)
   tiny = a.size == "tiny"
-  config = config_lib.base_config(a.size, task="grounding")
+  config = experiment.base_config(a.size, task="grounding")
   m = config.model
   m.image_size = m.image_size if tiny else grounding.SIZE  # official 336 (tiny: 32 px)
   m.num_frames = a.frames or (1 if tiny else 16)           # [unverified] see the docstring
@@ -50,11 +50,11 @@ def get_config(arg=None):
   m.text.vocab_size = 30522
   m.dtype = "float32" if tiny else "bfloat16"              # official --do_amp
   config.batch_size = 2 if tiny else 32                    # [unverified] 4 per GPU x 8 GPUs
-  config.text_length = 20                                  # official max_query_len
 
   d = config.data
   d.mixture = ((a.data, 1.0),) if a.data else ()
   d.task = "grounding"
+  d.vocab_file = a.vocab
   d.train_split = "train"
   d.eval_split = "val"                   # in-loop selection; report testA/testB/test with
                                          # configs/eval/refcoco*.py
@@ -71,8 +71,8 @@ def get_config(arg=None):
   # cosine_step, 200 warm-up iterations from 1e-6, min_lr 1e-6, no clipping.
   o = config.optimizer
   o.accum_steps = 1
-  steps_per_epoch = math.ceil(a.train_examples / config.batch_size)
-  config.total_steps = a.epochs * steps_per_epoch
+  config.total_steps, steps_per_epoch = config_lib.steps_for_epochs(
+      a.epochs, a.train_examples, config.batch_size)
 
   config.checkpoint.every_steps = steps_per_epoch
   config.eval_every_steps = steps_per_epoch            # evaluates every epoch
@@ -80,7 +80,7 @@ def get_config(arg=None):
   config.log_every_steps = 50
   config.peak_tflops = 0.0    # per-device peak for MFU
   config.init_checkpoint = a.init
-  config.synthetic_data = not a.data
+  config.synthetic_data = a.synthetic
   config.seed = 42
-  # Decoding for evaluation: 4 greedy box-token steps (evaluate/tasks.py _predict_grounding).
+  # Decoding for evaluation: 4 greedy box-token steps (evaluate/grounding.py).
   return config

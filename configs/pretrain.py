@@ -12,13 +12,16 @@ under `cosine_step` (spec 10) [unverified for pretraining].
 The data mixture (spec 13.1): COCO, VG, SBU, CC3M, CC12M, WebVid-2M, text corpora; pass the
 built datasets and weights with `mixture=` (`dir:weight;dir:weight`).
 
+Arguments: size (tiny|base|large), mixture=, gpus (8), epochs (30), train_examples (pairs
+per epoch), init=DIR (`python -m mplug2_jax.convert init-pretrained` output), vocab=FILE
+(default the shipped bert-base-uncased), synthetic=1 (random batches: timing runs; without
+mixture= the config fails).
+
   python -m mplug2_jax.main --config "configs/pretrain.py:large,mixture=/data/coco:1;/data/webvid:1" \
       --workdir /runs/pretrain_large
 """
 
-import math
-
-from mplug2_jax import config_lib
+from mplug2_jax import config_lib, experiment
 
 # Size-specific values of the two YAMLs (tiny: for tests).
 RECIPES = {
@@ -30,9 +33,11 @@ RECIPES = {
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, size="large", mixture="", gpus=8, epochs=30,
-                           train_examples=16_000_000, init="")
+                           train_examples=16_000_000, init="", vocab="bert-base-uncased",
+                           synthetic=False)
+  config_lib.check(a.size in RECIPES, "arg.size", a.size, f"must be one of {tuple(RECIPES)}")
   r = RECIPES[a.size]
-  config = config_lib.base_config(a.size, task="pretrain")
+  config = experiment.base_config(a.size, task="pretrain")
   config.model.image_size = r["image_size"]
   config.model.dtype = "float32" if a.size == "tiny" else "bfloat16"
   # Chosen by the AOT plan (docs/performance.md, `python -m mplug2_jax.benchmark.plan`):
@@ -43,13 +48,13 @@ def get_config(arg=None):
   if a.size != "tiny":
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
   config.batch_size = 2 if a.size == "tiny" else r["per_gpu"] * a.gpus
-  config.text_length = 10 if a.size == "tiny" else 30
 
   d = config.data
   d.mixture = tuple((p.rsplit(":", 1)[0], float(p.rsplit(":", 1)[1]) if ":" in p else 1.0)
                     for p in a.mixture.split(";") if p)
   d.task = "pretrain"
-  d.max_text_len = config.text_length
+  d.vocab_file = a.vocab
+  d.max_text_len = 10 if a.size == "tiny" else 30
   d.repeat_images = True        # images and videos in one batch
 
   c = config.objective
@@ -68,13 +73,14 @@ def get_config(arg=None):
   o.warmup_steps = 20 if a.size != "tiny" else 2
   o.warmup_lr = 1e-6
   o.min_lr = r["min_lr"]
-  steps_per_epoch = math.ceil(a.train_examples / config.batch_size)
-  config.total_steps = a.epochs * steps_per_epoch if a.size != "tiny" else 10
+  config.total_steps = (config_lib.steps_for_epochs(a.epochs, a.train_examples,
+                                                     config.batch_size)[0]
+                        if a.size != "tiny" else 10)
 
   config.checkpoint.every_steps = 2000
   config.log_every_steps = 100
   config.peak_tflops = 0.0
   config.init_checkpoint = a.init  # `python -m mplug2_jax.convert init-pretrained` output
-  config.synthetic_data = not d.mixture
+  config.synthetic_data = a.synthetic
   config.seed = 42
   return config

@@ -13,31 +13,31 @@ for retrieval: the paper's retrieval batch and epochs are not in the spec]
 
 Arguments: size (tiny|base|large), data=DIR (a built video_retrieval or image_text
 dataset), train_examples (pairs per epoch; MSRVTT 9k: 180000 = 9000 videos x 20 captions),
-epochs (10), init=DIR (orbax params, e.g. a pretrained model).
+epochs (10), init=DIR (a parameters directory, e.g. a pretrained model),
+vocab=FILE (BERT vocab.txt; default the shipped bert-base-uncased), synthetic=1
+(random batches instead of a dataset: timing runs; without data= the config fails).
 
   python -m mplug2_jax.main --config configs/retrieval.py:large,data=/data/msrvtt_ret,init=/ckpt/mplug2_large \
       --workdir /runs/retrieval_msrvtt
   python -m mplug2_jax.benchmark --config configs/retrieval.py:tiny   (timing, synthetic)
 """
 
-import math
-
-from mplug2_jax import config_lib
+from mplug2_jax import config_lib, experiment
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, size="large", data="", train_examples=180000, epochs=10,
-                           init="")
-  config = config_lib.base_config(a.size, task="retrieval")
+                           init="", vocab="bert-base-uncased", synthetic=False)
+  config = experiment.base_config(a.size, task="retrieval")
   config.batch_size = 2 if a.size == "tiny" else 32  # 4 per GPU x 8 GPUs
-  config.text_length = 10 if a.size == "tiny" else 40
   config.model.dtype = "float32" if a.size == "tiny" else "bfloat16"
 
   d = config.data
   d.mixture = ((a.data, 1.0),) if a.data else ()
   d.task = "retrieval"
+  d.vocab_file = a.vocab
   d.text_words = 40                                  # MSRVTT pre_caption limit
-  d.max_text_len = config.text_length
+  d.max_text_len = 10 if a.size == "tiny" else 40
 
   # Optimizer: the defaults (train/optimizer.py) are the official fine-tuning values:
   # AdamW lr 2e-5 (vision tower 0.1x), wd 0.02, cosine_step, 200 warm-up iterations
@@ -48,14 +48,14 @@ def get_config(arg=None):
   obj.momentum = 0.995
   obj.alpha = 0.4
 
-  steps_per_epoch = math.ceil(a.train_examples / config.batch_size)
-  config.total_steps = a.epochs * steps_per_epoch
+  config.total_steps, steps_per_epoch = config_lib.steps_for_epochs(
+      a.epochs, a.train_examples, config.batch_size)
   config.checkpoint.every_steps = steps_per_epoch
   config.eval_every_steps = steps_per_epoch          # t2v / v2t recall every epoch
   config.eval.retrieval_k = 128                      # k_test: ITM re-ranks the ITC top 128
   config.checkpoint.best_metric = "eval/R_mean"
   config.log_every_steps = 50
   config.init_checkpoint = a.init
-  config.synthetic_data = not a.data
+  config.synthetic_data = a.synthetic
   config.seed = 42
   return config

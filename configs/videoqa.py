@@ -12,29 +12,29 @@ max_length 10, beam 5, no gradient clipping.
 
 Arguments: size, data=DIR (a built video_qa dataset), train_examples (questions per epoch;
 default 158581, the MSRVTT-QA train split [check against your build]), epochs (10),
-init=DIR (orbax params from `python -m mplug2_jax.convert import-official`).
+init=DIR (a parameters directory from `python -m mplug2_jax.convert import-official`),
+vocab=FILE (BERT vocab.txt; default the shipped bert-base-uncased), synthetic=1
+(random batches instead of a dataset: timing runs; without data= the config fails).
 
   python -m mplug2_jax.main --config configs/videoqa.py:large,data=/data/msrvtt_qa,init=/ckpt/mplug2_large \
       --workdir /runs/videoqa_msrvtt
 """
 
-import math
-
-from mplug2_jax import config_lib
+from mplug2_jax import config_lib, experiment
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, size="large", data="", train_examples=158581, epochs=10,
-                           init="")
-  config = config_lib.base_config(a.size, task="videoqa")
+                           init="", vocab="bert-base-uncased", synthetic=False)
+  config = experiment.base_config(a.size, task="videoqa")
   config.batch_size = 2 if a.size == "tiny" else 32  # official: 4 per GPU x 8 GPUs
-  config.text_length = 10 if a.size == "tiny" else 50  # official max_input_length
   config.model.dtype = "float32" if a.size == "tiny" else "bfloat16"  # official --do_amp
 
   d = config.data
   d.mixture = ((a.data, 1.0),) if a.data else ()
   d.task = "videoqa"
-  d.max_question_len = config.text_length
+  d.vocab_file = a.vocab
+  d.max_question_len = 10 if a.size == "tiny" else 50  # official max_input_length
   d.max_answer_len = 10                              # official max_length
 
   # Optimizer: the defaults (train/optimizer.py) are the official fine-tuning values:
@@ -42,8 +42,8 @@ def get_config(arg=None):
   # from 1e-6, min_lr 1e-6, no clipping.
   o = config.optimizer
   o.accum_steps = 1
-  steps_per_epoch = math.ceil(a.train_examples / config.batch_size)
-  config.total_steps = a.epochs * steps_per_epoch
+  config.total_steps, steps_per_epoch = config_lib.steps_for_epochs(
+      a.epochs, a.train_examples, config.batch_size)
 
   config.checkpoint.every_steps = steps_per_epoch
   config.eval_every_steps = steps_per_epoch          # official: evaluates every epoch
@@ -51,7 +51,7 @@ def get_config(arg=None):
   config.log_every_steps = 50
   config.peak_tflops = 0.0    # per-device peak for MFU
   config.init_checkpoint = a.init
-  config.synthetic_data = not a.data
+  config.synthetic_data = a.synthetic
   config.seed = 42
-  # Decoding for evaluation: config.eval (beam 5; evaluate/tasks.py GENERATION_DEFAULTS).
+  # Decoding for evaluation: config.eval (beam 5; evaluate/common.py GENERATION_DEFAULTS).
   return config

@@ -61,10 +61,10 @@ def load_config(path: pathlib.Path, arg: str):
 
 
 def is_exported(directory: pathlib.Path) -> bool:
-  from mplug2_jax.convert import checkpoints
+  from mplug2_jax import param_store
 
-  return (directory / checkpoints.MODEL_CONFIG_FILE).exists() and (
-      directory / checkpoints.PARAMS_DIR).exists()
+  return (directory / param_store.MODEL_CONFIG_FILE).exists() and (
+      directory / param_store.PARAMS_DIR).exists()
 
 
 # --------------------------------------------------------------------------------------
@@ -73,7 +73,8 @@ def is_exported(directory: pathlib.Path) -> bool:
 
 
 def train_stage(work: pathlib.Path, data: str, task: str, init: str, steps: int) -> pathlib.Path:
-  from mplug2_jax import config_lib
+  from mplug2_jax import experiment
+  from mplug2_jax.evaluate import in_loop
   from mplug2_jax.train import loop
 
   out = work / task
@@ -83,10 +84,10 @@ def train_stage(work: pathlib.Path, data: str, task: str, init: str, steps: int)
   arg = f"data={data},task={task}" + (f",init={init}" if init else "") + (
       f",steps={steps}" if steps else "")
   config = load_config(TRAIN_CONFIG, arg)
-  config_lib.validate(config)
+  experiment.validate(config)
   print(f"== {task}: training {config.total_steps} steps -> {out}", flush=True)
   start = time.time()
-  summary = loop.train(config, str(out))
+  summary = loop.train(config, str(out), evaluator=in_loop.make_evaluator(config))
   if summary["status"] != "done":
     raise RuntimeError(f"{task} training stopped ({summary['status']}) at step "
                        f"{summary['step']}; rerun to resume")
@@ -101,17 +102,17 @@ def untrained_checkpoint(work: pathlib.Path, data: str, task: str = "pretrain") 
   import jax
   import flax.linen as nn
 
-  from mplug2_jax.convert import checkpoints
-  from mplug2_jax.models import mplug2
+  from mplug2_jax import param_store
+  from mplug2_jax.models import registry
 
   out = work / ("untrained" if task == "pretrain" else f"untrained_{task}")
   if not is_exported(out):
     config = load_config(TRAIN_CONFIG, f"data={data},task={task}")
-    model = mplug2.build(config.model)
-    variables = jax.jit(model.init)(
+    family = registry.of(config.model)
+    variables = jax.jit(family.build(config.model).init)(
         {"params": jax.random.key(config.seed), "dropout": jax.random.key(config.seed)},
-        mplug2.dummy_batch(config.model, 1, config.text_length))
-    checkpoints.save_params(out, nn.meta.unbox(variables["params"]), config.model)
+        family.init_batch(config.model))
+    param_store.save_params(out, nn.meta.unbox(variables["params"]), config.model)
   return out
 
 

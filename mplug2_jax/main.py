@@ -5,14 +5,16 @@ r"""Training entry point.
 The config is locked (a mistyped `--config.key` fails instead of adding a key) and validated
 against the device count before any compute. Multi-process runs (TPU pods, SLURM, or the
 explicit `--coordinator_address/--num_processes/--process_id` flags) call
-`jax.distributed.initialize` first (train/distributed.py); every process runs this same
+`jax.distributed.initialize` first (distributed.py); every process runs this same
 command.
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from mplug2_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py:data=/tmp/demo",
@@ -46,23 +48,25 @@ def main(argv):
   from mplug2_jax import hostenv
   hostenv.reexec_with_malloc_hugepages()  # host-side step temporaries (see hostenv.py)
   quiet_library_logs()
-  from mplug2_jax.train import distributed
+  from mplug2_jax import distributed
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   import jax
-  from mplug2_jax import config_lib
+  from mplug2_jax import experiment
+  from mplug2_jax.evaluate import in_loop
   from mplug2_jax.train import loop
 
   config = _CONFIG.value
-  config_lib.validate(config, jax.device_count())
-  loop.check_input(config)
+  experiment.validate(config, jax.device_count())
+  experiment.check_input(config)
   if jax.process_index() == 0:
     logging.info("config:\n%s", config)
-  summary = loop.train(config, _WORKDIR.value, stop_after=_STOP_AFTER.value or None)
+  summary = loop.train(config, _WORKDIR.value, evaluator=in_loop.make_evaluator(config),
+                       stop_after=_STOP_AFTER.value or None)
   if jax.process_index() == 0:
     print(f"{summary['status']} at step {summary['step']}: workdir {_WORKDIR.value}",
           flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,13 +1,16 @@
 """Device mesh and logical-axis sharding.
 
-Models name axes only logically (see `models/layers.py`); `config.sharding_rules` maps
-them to the mesh axes `data`, `fsdp`, `tensor`. Parameters are created directly in their
+Models name axes only logically (`layers/axes.py`); `config.sharding_rules` maps them to
+the mesh axes `data`, `fsdp`, `tensor`. Parameters are created directly in their
 sharded layout: shapes come from `jax.eval_shape`, shardings from the rules, and `init` is
 jitted with those `out_shardings`, so a large model never sits on one device.
 
 A dimension that the mesh axis does not divide (a 1-head tower on a tensor axis of 2, a
 2-way ITM head) is replicated on that axis instead of padded; `param_shardings` reports
 these so that tests and logs can show them.
+
+Parameters that exist on the host (a converted checkpoint, an exported params/ directory)
+reach the mesh through one function, `place`: each process builds only its own shards.
 """
 
 from __future__ import annotations
@@ -98,6 +101,48 @@ def init_params(model: nn.Module, batch: dict, rng: jax.Array, mesh: Mesh,
     shardings = logical_shardings(abstract, mesh, config)
     params = jax.jit(lambda r, b: nn.meta.unbox(init(r, b)), out_shardings=shardings)(rng, batch)
   return params, shardings
+
+
+def param_shardings(model: nn.Module, batch: dict, mesh: Mesh,
+                    config: ml_collections.ConfigDict, report: list | None = None) -> Any:
+  """NamedShardings of `model`'s parameters by the logical rules (no allocation)."""
+  with activate(mesh, config):
+    return logical_shardings(abstract_params(model, batch), mesh, config, report)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Host (or differently placed) arrays -> global arrays with the matching sharding of
+  `shardings` (a tree of NamedShardings, matched by path); leaves without one are
+  replicated on the shardings' mesh, leaves already on that sharding are kept."""
+  targets = flat(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  mesh = next(iter(targets.values())).mesh
+  replicated = NamedSharding(mesh, P())
+
+  def one(path, x):
+    target = targets.get(path_str(path), replicated)
+    if isinstance(x, jax.Array) and x.sharding == target:
+      return x
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def path_str(path) -> str:
+  """'vision/blocks/attn/key/kernel' for a tree_util key path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return "/".join(parts)
+
+
+def flat(tree: Any, is_leaf: Callable | None = None) -> dict[str, Any]:
+  """{'a/b/c': leaf} of a nested tree."""
+  return {path_str(p): v for p, v in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
 def abstract_params(model: nn.Module, batch: dict, method: Callable | None = None) -> Any:

@@ -1,5 +1,6 @@
 """Configs load with size args and overrides; bad values fail before compute, naming the key."""
 
+import os
 import subprocess
 import sys
 
@@ -7,7 +8,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mplug2_jax import config_lib
+from mplug2_jax import config_lib, experiment
+from mplug2_jax.models import mplug2
 from conftest import REPO
 
 
@@ -22,11 +24,11 @@ def load(*argv):
 
 @pytest.mark.parametrize("name", ["caption", "videoqa", "retrieval", "pretrain", "classification",
                                   "grounding"])
-@pytest.mark.parametrize("size", config_lib.SIZES)
+@pytest.mark.parametrize("size", mplug2.SIZES)
 def test_every_config_file_validates(name, size):
   config = load(f"--config={REPO}/configs/{name}.py:{size}")
   assert config.model.size == size
-  config_lib.validate(config, num_devices=1)
+  experiment.validate(config, num_devices=1)
 
 
 def test_size_arg_and_command_line_override():
@@ -47,11 +49,12 @@ def test_unknown_config_arg_names_the_key():
 
 
 def bad(mutate, num_devices=1):
-  config = config_lib.base_config("tiny", "videoqa")
+  config = experiment.base_config("tiny", "videoqa")
   config.batch_size = 8
+  config.total_steps = 10
   mutate(config)
   with pytest.raises(config_lib.ConfigError) as error:
-    config_lib.validate(config, num_devices)
+    experiment.validate(config, num_devices)
   return str(error.value)
 
 
@@ -72,6 +75,11 @@ def bad(mutate, num_devices=1):
     (lambda c: c.update(sharding_rules=(("embed", "model"),) + c.sharding_rules[1:]),
      "sharding_rules[0]"),
     (lambda c: c.update(sharding_rules=c.sharding_rules[:-1]), "sharding_rules"),
+    (lambda c: c.model.update(name="mplug3"), "model.name"),
+    (lambda c: c.checkpoint.update(every_steps=0), "checkpoint.every_steps"),
+    (lambda c: c.optimizer.update(lr=-1.0), "optimizer.lr"),
+    (lambda c: c.optimizer.update(accum_steps=3), "optimizer.accum_steps"),
+    (lambda c: c.update(total_steps=0), "total_steps"),
 ])
 def test_bad_model_values_name_their_key(mutate, key):
   message = bad(mutate)
@@ -83,7 +91,7 @@ def test_mesh_must_multiply_to_device_count():
   assert message.startswith("config.mesh.shape=") and "multiplies to 4" in message
   message = bad(lambda c: c.mesh.update(shape=(3, -1, 1)), num_devices=8)
   assert message.startswith("config.mesh.shape=")
-  assert config_lib.mesh_shape(config_lib.base_config(), 8) == (1, 8, 1)
+  assert config_lib.mesh_shape(experiment.base_config(), 8) == (1, 8, 1)
 
 
 def test_batch_must_divide_over_data_axes():
@@ -112,8 +120,8 @@ def test_official_finetuning_hyperparameters():
     assert (c.batch_size, o.accum_steps, o.warmup_steps) == (batch, accum, warmup)
     assert (c.model.image_size, c.model.num_frames) == (224, 16)
     assert c.total_steps > 0 and c.log_every_steps > 0 and "init_checkpoint" in c
-  assert load(f"--config={REPO}/configs/caption.py:large").text_length == 20
-  assert load(f"--config={REPO}/configs/videoqa.py:large").text_length == 50
+  assert load(f"--config={REPO}/configs/caption.py:large").data.max_caption_len == 20
+  assert load(f"--config={REPO}/configs/videoqa.py:large").data.max_question_len == 50
   large = load(f"--config={REPO}/configs/pretrain.py:large")
   assert (large.optimizer.lr, large.optimizer.min_lr, large.batch_size) == (5e-5, 2e-6, 1024)
   assert large.objective.queue_size % large.batch_size == 0
@@ -125,4 +133,49 @@ def test_demo_config_reads_the_dataset_dir():
   c = load(f"--config={REPO}/configs/demo.py:data=/some/demo")
   assert c.data.mixture[0][0] == "/some/demo/video_retrieval"
   assert c.model.task == "pretrain" and c.objective.queue_size % c.batch_size == 0
-  config_lib.validate(c, num_devices=1)
+  experiment.validate(c, num_devices=1)
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, "-m", "mplug2_jax.main", "--workdir=/tmp/unused",
+                         *args], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "MPLUG2_MALLOC_HUGEPAGES": "0", "XLA_FLAGS": ""})
+
+
+@pytest.mark.parametrize("args,line", [
+    ((f"--config={REPO}/configs/caption.py:huge",),
+     "error: config.model.size='huge': must be one of ('tiny', 'base', 'large')"),
+    ((f"--config={REPO}/configs/caption.py:tiny,synthetic=1", "--config.batch_sizee=4"),
+     "error: --config.batch_sizee: the config has no key 'batch_sizee' (did you mean "
+     "'batch_size'?)"),
+    ((f"--config={REPO}/configs/caption.py:tiny",),
+     "error: config.data.mixture=(): no training data"),
+    ((f"--config={REPO}/configs/caption.py:tiny,epoch=3",),
+     "error: config.arg='tiny,epoch=3': unknown key 'epoch' (did you mean 'epochs'?)"),
+])
+def test_config_errors_are_one_line_naming_the_key(args, line):
+  """A bad size, an override typo, a missing dataset, a bad argument: one line on stderr,
+  exit status 2, before any compute (no traceback, no step)."""
+  result = run_main(*args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(line), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr and "step" not in result.stdout
+
+
+def test_synthetic_data_only_when_asked_for():
+  c = load(f"--config={REPO}/configs/videoqa.py:tiny")
+  assert not c.synthetic_data
+  with pytest.raises(config_lib.ConfigError, match="data.mixture"):
+    experiment.check_input(c)
+  experiment.check_input(load(f"--config={REPO}/configs/videoqa.py:tiny,synthetic=1"))
+
+
+def test_every_training_config_defaults_to_the_shipped_vocabulary():
+  from mplug2_jax.data import pipeline
+
+  for name in ("caption", "videoqa", "retrieval", "pretrain", "grounding", "demo"):
+    c = load(f"--config={REPO}/configs/{name}.py:" + ("tiny" if name != "demo" else ""))
+    assert c.data.vocab_file == "bert-base-uncased"
+  tok = pipeline.make_tokenizer(c.data)
+  assert tok.encode("a man is singing")[:1] == [101]

@@ -11,18 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mplug2_jax import config_lib
-from mplug2_jax.convert import checkpoints, layout, official, parity, pretrained
+from mplug2_jax import param_store
+from mplug2_jax.convert import checkpoints
+from mplug2_jax.convert.mplug2 import layout, official, parity, pretrained
 from mplug2_jax.models import mplug2
 from conftest import REPO
 
 GOLDEN_CONFIG = '''
 import json
-from mplug2_jax import config_lib
-from mplug2_jax.convert import official
+from mplug2_jax import experiment
+from mplug2_jax.convert.mplug2 import official
 
 def get_config(arg):
-  config = config_lib.base_config("tiny", "videoqa")
+  config = experiment.base_config("tiny", "videoqa")
   config.model = official.model_config_from_official(json.load(open(arg)))
   return config
 '''
@@ -41,7 +42,7 @@ def test_layout_is_the_official_state_dict(shared_dir, name):
   rows = [line.split("\t") for line in
           (shared_dir / "spec" / "mplug2_keys" / f"{name}.tsv").read_text().splitlines()]
   expected = {key: (tuple(json.loads(shape)), dtype) for key, shape, dtype in rows}
-  got = layout.official_layout(config_lib.model_config(size, task))
+  got = layout.official_layout(mplug2.model_config(size, task))
   assert list(got.items()) == list(expected.items())  # keys, shapes, dtypes and order
 
 
@@ -65,7 +66,7 @@ def test_cli_import_export_round_trips_bit_for_bit(golden, tmp_path):
   cfg_arg = f"--config={config_file}:{case_dir / 'config.json'}"
   cli("import-official", f"--checkpoint={case_dir / 'model.safetensors'}", cfg_arg,
       f"--out={tmp_path / 'ours'}")
-  imported = checkpoints.flatten(checkpoints.load_params(tmp_path / "ours"))
+  imported = param_store.flatten(param_store.load_params(tmp_path / "ours"))
   assert imported.keys() == official.to_flax(state, model_cfg).keys()
 
   # import -> export (with the original as reference for never-run tensors) is the original.
@@ -81,7 +82,7 @@ def test_cli_import_export_round_trips_bit_for_bit(golden, tmp_path):
   # export -> import is the identity on our parameters.
   cli("import-official", f"--checkpoint={tmp_path / 'back.safetensors'}", cfg_arg,
       f"--out={tmp_path / 'again'}")
-  again = checkpoints.flatten(checkpoints.load_params(tmp_path / "again"))
+  again = param_store.flatten(param_store.load_params(tmp_path / "again"))
   for path, value in imported.items():
     np.testing.assert_array_equal(again[path], value, err_msg=path)
 
@@ -137,9 +138,9 @@ def test_import_at_another_resolution(golden):
 def fresh_flat(model_cfg, seed=0):
   from mplug2_jax import sharding
   model = mplug2.build(model_cfg)
-  variables = jax.jit(model.init)(jax.random.key(seed), mplug2.dummy_batch(model_cfg))
+  variables = jax.jit(model.init)(jax.random.key(seed), mplug2.init_batch(model_cfg))
   return {k: np.asarray(v) for k, v in
-          checkpoints.flatten(sharding.unboxed(variables["params"])).items()}
+          param_store.flatten(sharding.unboxed(variables["params"])).items()}
 
 
 def minilm_dir():
@@ -156,7 +157,7 @@ def test_bert_init_matches_transformers_on_real_minilm_weights():
 
   model_dir = minilm_dir()
   hf = json.loads((model_dir / "config.json").read_text())
-  m = config_lib.model_config("tiny", "videoqa")
+  m = mplug2.model_config("tiny", "videoqa")
   m.text.update(hidden_size=hf["hidden_size"], num_heads=hf["num_attention_heads"],
                 intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
                 max_position_embeddings=hf["max_position_embeddings"],
@@ -182,7 +183,7 @@ def test_bert_init_matches_transformers_on_real_minilm_weights():
   assert mask.min() == 0  # real padding is exercised
 
   model = mplug2.build(m)
-  ours, _ = model.apply({"params": checkpoints.nest(params)}, jnp.asarray(ids), jnp.asarray(mask),
+  ours, _ = model.apply({"params": param_store.nest(params)}, jnp.asarray(ids), jnp.asarray(mask),
                         method=mplug2.Mplug2.embed_text)
   reference = transformers.BertModel.from_pretrained(str(model_dir)).eval()
   with torch.no_grad():
@@ -196,7 +197,7 @@ def test_bert_init_matches_transformers_on_real_minilm_weights():
 def test_clip_init_matches_transformers_vision_model(tmp_path):
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
-  m = config_lib.model_config("tiny", "caption")
+  m = mplug2.model_config("tiny", "caption")
   m.update(image_size=32, num_frames=1)
   hf_config = transformers.CLIPVisionConfig(
       hidden_size=m.vision.width, intermediate_size=4 * m.vision.width,
@@ -219,7 +220,7 @@ def test_clip_init_matches_transformers_vision_model(tmp_path):
   model = mplug2.build(m, collect=True)
   from mplug2_jax.models import vit
   encoder = vit.VideoEncoder(m.vision, collect=True)
-  tokens, aux = encoder.apply({"params": checkpoints.nest(params)["vision"]},
+  tokens, aux = encoder.apply({"params": param_store.nest(params)["vision"]},
                               jnp.asarray(pixels.transpose(0, 2, 3, 1)[:, None]))
   with torch.no_grad():
     out = hf_model(pixel_values=torch.from_numpy(pixels))

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mplug2_jax.convert import parity
-from mplug2_jax.evaluate import generation
+from mplug2_jax.convert.mplug2 import parity
 from mplug2_jax.models import mplug2
+from mplug2_jax.models.mplug2 import generation
 
 V, BOS, EOS = 5, 0, 2
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from mplug2_jax import config_lib, sharding
+from mplug2_jax import experiment, sharding
 from mplug2_jax.models import mplug2
 
 # mplug2_keys/README.md, column "used by the task's training forward".
@@ -42,6 +42,6 @@ def official_used_count(keys_dir, size, task):
 def test_param_count_matches_official(shared_dir, size, task):
   expected = official_used_count(shared_dir / "spec" / "mplug2_keys", size, task)
   assert expected == README_USED[(size, task)]
-  config = config_lib.base_config(size, task)
-  abstract = sharding.abstract_params(mplug2.build(config.model), mplug2.dummy_batch(config.model))
+  config = experiment.base_config(size, task)
+  abstract = sharding.abstract_params(mplug2.build(config.model), mplug2.init_batch(config.model))
   assert sharding.count_params(abstract) == expected

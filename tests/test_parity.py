@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from mplug2_jax import config_lib
-from mplug2_jax.convert import official, parity
-from mplug2_jax.evaluate import generation
+from mplug2_jax.models import mplug2
+from mplug2_jax.convert import parity as parity_cli
+from mplug2_jax.convert.mplug2 import official, parity
 
 CASES = ["videoqa_video", "caption_video", "caption_image"]
 
@@ -19,7 +19,7 @@ def test_golden_case_matches_official(shared_dir, case):
   expected = parity.load_case(case_dir)[4]
   import jax
   with jax.default_matmul_precision("highest"):
-    rows = parity.compare(expected, parity.run_case(case_dir, generation.golden_outputs))
+    rows = parity_cli.compare(expected, parity.run_case(case_dir))
   failures = [(name, diff, note) for name, ok, diff, note in rows if not ok]
   assert not failures
   compared = {name for name, *_ in rows}
@@ -90,7 +90,7 @@ def test_full_size_key_accounting(shared_dir, size, task):
   rows = [line.split("\t") for line in (keys_dir / f"{size}_{task}.tsv").read_text().splitlines()]
   all_keys = {key for key, _, _ in rows}
   unused = set((keys_dir / f"{size}_{task}.unused.txt").read_text().split())
-  model_cfg = config_lib.model_config(size, task)
+  model_cfg = mplug2.model_config(size, task)
   mapped = {k for e in official.entries(model_cfg) for k in e.official}
   trained = {key for key, _, dtype in rows if key not in unused and dtype != "int64"}
   assert mapped == trained - set(official.TIED)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mplug2_jax import config_lib, sharding
+from mplug2_jax import experiment, sharding
+from conftest import dummy_batch
 from mplug2_jax.models import mplug2
 
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
@@ -14,7 +15,7 @@ BATCH = 8
 
 
 def tiny(shape):
-  config = config_lib.base_config("tiny", "videoqa")
+  config = experiment.base_config("tiny", "videoqa")
   config.model.num_frames = 2
   config.mesh.shape = shape
   config.batch_size = BATCH
@@ -22,7 +23,7 @@ def tiny(shape):
 
 
 def random_batch(config):
-  batch = mplug2.dummy_batch(config.model, BATCH, 6)
+  batch = dummy_batch(config.model, BATCH, 6)
   rng = np.random.default_rng(0)
   batch["video"] = jnp.asarray(rng.normal(size=batch["video"].shape), jnp.float32)
   for name in ("text_ids", "answer_ids"):
@@ -101,3 +102,33 @@ def test_undividable_dims_are_reported(reference):
   assert any("vision" in p and "attn" in p for p in paths)
   # ITM-free videoqa: every text tower weight divides evenly.
   assert not any("text_encoder" in p and "kernel" in p for p in paths)
+
+
+# Parameters allowed to stay unsharded over fsdp: vectors (biases, norm gains, the
+# temporal adapters' depthwise taps) and scalars. Everything else must split.
+SMALL_UNSHARDED = (r"/bias$", r"/scale$", r"/conv_kernel$", r"/conv_bias$", r"^itc_head/temp$")
+
+
+@pytest.mark.parametrize("task", ["caption", "videoqa", "retrieval", "pretrain"])
+def test_large_parameters_are_sharded_over_fsdp(task):
+  """On a (1, 8, 1) mesh every parameter of the large model is split over the fsdp axis
+  except the allow-listed small ones, which hold under 1% of the parameters (MaxText's
+  sharding-sufficiency check). Abstract only: nothing is allocated."""
+  import re
+
+  config = experiment.base_config("large", task)
+  config.mesh.shape = (1, 8, 1)
+  mesh = sharding.make_mesh(config)
+  model = mplug2.build(config.model)
+  shardings = sharding.flat(
+      sharding.param_shardings(model, mplug2.init_batch(config.model), mesh, config),
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+  with sharding.activate(mesh, config):
+    shapes = sharding.flat(sharding.unboxed(sharding.abstract_params(
+        model, mplug2.init_batch(config.model))))
+  unsharded = {p for p, s in shardings.items()
+               if not any("fsdp" in (e if isinstance(e, tuple) else (e,)) for e in s.spec)}
+  not_allowed = sorted(p for p in unsharded if not any(re.search(r, p) for r in SMALL_UNSHARDED))
+  assert not not_allowed, not_allowed
+  count = lambda paths: sum(int(np.prod(shapes[p].shape)) for p in paths)
+  assert count(unsharded) < 0.01 * count(shapes), (count(unsharded), count(shapes))

@@ -4,15 +4,15 @@ Every caption of each image (eval.all_texts); ITM top-k 256 as mPLUG v1.
 Spec: shared/spec/mplug2.md sections 6 and 14.
 
 Command:
-  python -m mplug2_jax.evaluate --config configs/eval/coco_retrieval.py:data=DATA,vocab=VOCAB \
-      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir, VOCAB: vocab.txt)
+  python -m mplug2_jax.evaluate --config configs/eval/coco_retrieval.py:data=DATA \
+      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir; vocab= for another vocab.txt)
 """
 
-from mplug2_jax.evaluate import tasks
+from mplug2_jax import experiment
 
 
 def get_config(arg=None):
-  return tasks.experiment_config(
+  return experiment.eval_experiment(
       "retrieval", arg, paper={},
       data=dict(text_words=30, max_text_len=30, repeat_images=True),
       settings=dict(retrieval_k=256, all_texts=True))

@@ -14,8 +14,7 @@ model, and prints the table):
 
 import os
 
-from mplug2_jax.data import text
-from mplug2_jax.evaluate import tasks
+from mplug2_jax import experiment
 
 DATASETS = {"retrieval": "video_retrieval", "caption": "video_caption", "videoqa": "video_qa",
             "classification": "video_classification"}
@@ -28,11 +27,10 @@ def get_config(arg=None):
   if a.task not in DATASETS:
     raise config_lib.ConfigError("demo eval task", a.task, f"must be one of {tuple(DATASETS)}")
   settings = {"retrieval": dict(retrieval_k=16, all_texts=True)}.get(a.task, {})
-  config = tasks.experiment_config(
+  config = experiment.eval_experiment(
       a.task, f"size=tiny,batch={a.batch}", paper={},
       data=dict(text_words=30, max_text_len=16, max_caption_len=16, max_question_len=16,
                 max_answer_len=6, repeat_images=True),
       settings=settings)
   config.data.mixture = ((os.path.join(a.data, DATASETS[a.task]), 1.0),)
-  config.data.vocab_file = text.bundled_bert_vocab()   # as configs/demo.py
   return config

@@ -4,15 +4,15 @@ ITC similarities, ITM re-ranking of the top k_test=128 (ALBEF / mPLUG v1).
 Spec: shared/spec/mplug2.md sections 6 and 14.
 
 Command:
-  python -m mplug2_jax.evaluate --config configs/eval/msrvtt_retrieval.py:data=DATA,vocab=VOCAB \
-      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir, VOCAB: vocab.txt)
+  python -m mplug2_jax.evaluate --config configs/eval/msrvtt_retrieval.py:data=DATA \
+      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir; vocab= for another vocab.txt)
 """
 
-from mplug2_jax.evaluate import tasks
+from mplug2_jax import experiment
 
 
 def get_config(arg=None):
-  return tasks.experiment_config(
+  return experiment.eval_experiment(
       "retrieval", arg, paper={},
       data=dict(text_words=40, max_text_len=40),
       settings=dict(retrieval_k=128))

@@ -4,15 +4,15 @@ Beam 5, 4-20 tokens, text after the last 'a video of'; COCO scorer (CIDEr 1.658 
 Spec: shared/spec/mplug2.md sections 6 and 14.
 
 Command:
-  python -m mplug2_jax.evaluate --config configs/eval/msvd_caption.py:data=DATA,vocab=VOCAB \
-      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir, VOCAB: vocab.txt)
+  python -m mplug2_jax.evaluate --config configs/eval/msvd_caption.py:data=DATA \
+      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir; vocab= for another vocab.txt)
 """
 
-from mplug2_jax.evaluate import tasks
+from mplug2_jax import experiment
 
 
 def get_config(arg=None):
-  return tasks.experiment_config(
+  return experiment.eval_experiment(
       "caption", arg, paper={'CIDEr': 1.658},
       data=dict(caption_prompt='a video of', max_caption_len=20),
       settings=dict())

@@ -4,15 +4,15 @@ Generation: beam 5, 1-10 tokens; exact string match with the gold answer (offici
 Spec: shared/spec/mplug2.md sections 6 and 14.
 
 Command:
-  python -m mplug2_jax.evaluate --config configs/eval/msvd_qa.py:data=DATA,vocab=VOCAB \
-      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir, VOCAB: vocab.txt)
+  python -m mplug2_jax.evaluate --config configs/eval/msvd_qa.py:data=DATA \
+      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir; vocab= for another vocab.txt)
 """
 
-from mplug2_jax.evaluate import tasks
+from mplug2_jax import experiment
 
 
 def get_config(arg=None):
-  return tasks.experiment_config(
+  return experiment.eval_experiment(
       "videoqa", arg, paper={'accuracy': 58.1},
       data=dict(question_words_eval=50, max_question_len=50),
       settings=dict())

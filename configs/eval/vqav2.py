@@ -4,15 +4,15 @@ Writes vqa_result.json for EvalAI; local VQA accuracy needs eval.gold_file (val 
 Spec: shared/spec/mplug2.md sections 6 and 14.
 
 Command:
-  python -m mplug2_jax.evaluate --config configs/eval/vqav2.py:data=DATA,vocab=VOCAB \
-      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir, VOCAB: vocab.txt)
+  python -m mplug2_jax.evaluate --config configs/eval/vqav2.py:data=DATA \
+      --checkpoint CKPT [--workdir DIR]   (DATA: built dataset dir; vocab= for another vocab.txt)
 """
 
-from mplug2_jax.evaluate import tasks
+from mplug2_jax import experiment
 
 
 def get_config(arg=None):
-  return tasks.experiment_config(
+  return experiment.eval_experiment(
       "videoqa", arg, paper={'vqa_accuracy': 79.3},
       data=dict(question_words_eval=50, max_question_len=80, repeat_images=True),
       settings=dict(qa_metric='vqa', submission=True, gold_file=''))

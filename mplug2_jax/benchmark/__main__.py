@@ -6,7 +6,7 @@ r"""Train-step, encoder and generation benchmark on this machine.
 Builds the task model with random weights and the real jitted train step (forward,
 backward, optimizer, EMA / queues where the task has them) on synthetic batches of the
 task's shapes, then prints: compile time, median step time over `--steps` steps after
-`--warmup`, samples/s, model FLOPs per step (analytic, `train/flops.py`, and XLA's cost
+`--warmup`, samples/s, model FLOPs per step (analytic, the family's `train_step_flops`, and XLA's cost
 analysis of the compiled step, which counts a scanned layer stack once), achieved FLOP/s and MFU against
 `--peak_tflops` or, by default, against the fp32 matmul ceiling measured in the same run.
 With `--encoder` / `--generation` it also times the video-encoder forward and cached
@@ -18,14 +18,17 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from mplug2_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _TASK = flags.DEFINE_string("task", "", "Override config.model.task.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch (0 = config.batch_size).")
 _FRAMES = flags.DEFINE_integer("frames", 0, "Frames per video (0 = config.model.num_frames).")
-_TEXT = flags.DEFINE_integer("text_length", 0, "Text tokens (0 = config.text_length).")
+_TEXT = flags.DEFINE_integer("text_length", 0, "Text tokens of every text field (0 = the "
+                            "config's data lengths).")
 _ANSWER = flags.DEFINE_integer("answer_length", 0,
                                "Answer tokens for videoqa/pretrain (0 = --text_length).")
 _ACCUM = flags.DEFINE_integer("accum_steps", 1,
@@ -49,11 +52,10 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from mplug2_jax import config_lib, sharding
+  from mplug2_jax import experiment, sharding
   from mplug2_jax.benchmark import common
-  from mplug2_jax.evaluate import generation
-  from mplug2_jax.models import layers, mplug2
-  from mplug2_jax.train import flops as flops_lib
+  from mplug2_jax.layers import attention_op
+  from mplug2_jax.models import registry
   from mplug2_jax.train import state as state_lib
   from mplug2_jax.train import step as step_lib
 
@@ -66,37 +68,37 @@ def main(argv):
     config.model.dtype = _DTYPE.value
   if _ACCUM.value:
     config.optimizer.accum_steps = _ACCUM.value
-  config.batch_size = _BATCH.value or config.get("batch_size", 2)
-  text_length = _TEXT.value or config.get("text_length", 20)
+  if _BATCH.value:
+    config.batch_size = _BATCH.value
+  common.set_text_lengths(config, _TEXT.value, _ANSWER.value)
   config.total_steps = max(config.total_steps, 1000)
-  config_lib.validate(config, jax.device_count())
+  experiment.validate(config, jax.device_count())
   m = config.model
+  family = registry.of(m)
   batch_size = config.batch_size
 
   mesh = sharding.make_mesh(config)
   print(f"{m.task} {m.size}: batch {batch_size}, {m.num_frames} frames x {m.image_size} px, "
-        f"text {text_length}, {m.dtype} compute, mesh {dict(mesh.shape)} on "
+        f"text {_TEXT.value or 'as configured'}, {m.dtype} compute, mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} {jax.default_backend()} device(s), attention "
-        f"{layers.resolve_attention(m.attention, m.dtype)}, remat {m.remat_policy}, "
+        f"{attention_op.resolve_attention(m.attention, m.dtype)}, remat {m.remat_policy}, "
         f"accum_steps {config.optimizer.accum_steps}, "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
-  batch = jax.device_put(common.synthetic_batch(config, batch_size, text_length,
-                                               answer_length=_ANSWER.value),
-                         sharding.batch_sharding(mesh, config))
-  trainer = state_lib.Trainer(config, mesh, batch)
+  batch = jax.device_put(common.synthetic_batch(config), sharding.batch_sharding(mesh, config))
+  setup = state_lib.TrainSetup(config, mesh, batch)
   start = time.perf_counter()
-  state = trainer.init()
+  state = setup.init()
   jax.block_until_ready(state)
   print(f"params {sharding.count_params(state.params):,}; state initialised in "
         f"{time.perf_counter() - start:.1f}s", flush=True)
 
-  step = step_lib.JittedStep(trainer)
+  step = step_lib.JittedStep(setup)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  xla_flops = flops_lib.xla_cost(compiled).get("flops")
+  xla_flops = step_lib.xla_cost(compiled).get("flops")
   memory = compiled.memory_analysis()
-  analytic = flops_lib.train_step_flops(config, {k: v.shape for k, v in batch.items()})
+  analytic = family.train_step_flops(config, {k: v.shape for k, v in batch.items()})
 
   holder = {"state": state}
 
@@ -133,23 +135,17 @@ def main(argv):
     rows.append(("temporaries (XLA)", f"{memory.temp_size_in_bytes / 2**30:.2f} GiB"))
 
   params = holder["state"].params
-  model = mplug2.build(m)
-  if _ENCODER.value:
-    encode = jax.jit(lambda p, v: model.apply({"params": p}, v,
-                                              method=mplug2.Mplug2.embed_image)[0])
+  model = family.build(m)
+  if _ENCODER.value and m.task != "classification":
+    encode = jax.jit(lambda p, v: model.apply({"params": p}, v, method="embed_image")[0])
     encoder_s = common.timed(encode, params, batch["video"], steps=max(3, _STEPS.value // 2))
     rows.append(("video encoder + universal forward", f"{encoder_s:.3f} s, "
                  f"{batch_size / encoder_s:.2f} videos/s"))
-  if _GENERATION.value and "decoder" in mplug2.TASK_MODULES[m.task]:
-    cached = mplug2.build(m, use_cache=True)
-
-    def caption(p, video):
-      image, _ = model.apply({"params": p}, video, method=mplug2.Mplug2.embed_image)
-      mask = jnp.ones(image.shape[:2], jnp.int32)
-      return generation.beam_search_cached(cached, p, image, mask, beam_size=5, min_length=4,
-                                           max_length=20).ids
-
-    gen_s = common.timed(jax.jit(caption), params, batch["video"], steps=3)
+  if _GENERATION.value and m.task == "caption":
+    import ml_collections
+    settings = ml_collections.ConfigDict(dict(beam_size=5, min_length=4, max_length=20))
+    caption = family.predict.caption(m, settings)
+    gen_s = common.timed(caption, params, batch["video"], steps=3)
     rows.append(("beam-search captioning (beam 5, 20 tokens)",
                  f"{gen_s:.3f} s, {batch_size / gen_s:.2f} videos/s"))
   width = max(len(name) for name, _ in rows)
@@ -172,4 +168,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

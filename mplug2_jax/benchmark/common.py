@@ -9,63 +9,35 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mplug2_jax.models import mplug2
+from mplug2_jax.models import registry, schema as schema_lib
 
 
-def batch_spec(config: ml_collections.ConfigDict, batch_size: int, text_length: int,
-               answer_length: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of every key the task's objective reads (see data/pipeline.py),
-  without allocating anything. Answers are `answer_length` tokens (0 = `text_length`)."""
-  m = config.model
-  spec = dict(jax.eval_shape(lambda: mplug2.dummy_batch(m, batch_size, text_length)))
-  if answer_length and "answer_ids" in spec:
-    for key in ("answer_ids", "answer_mask"):
-      spec[key] = jax.ShapeDtypeStruct((spec[key].shape[0], answer_length), spec[key].dtype)
-  i32, f32 = jnp.int32, jnp.float32
-  if "caption_ids" in spec:
-    spec["caption_labels"] = spec["caption_ids"]
-  if "answer_ids" in spec:
-    spec["answer_labels"] = spec["answer_ids"]
-    spec["answer_weights"] = jax.ShapeDtypeStruct(spec["answer_ids"].shape[:1], f32)
-  if m.task in ("retrieval", "pretrain"):
-    spec["image_ids"] = jax.ShapeDtypeStruct((batch_size,), i32)
-  if m.task == "classification":
-    spec["labels"] = jax.ShapeDtypeStruct((batch_size,), i32)
-  return spec
+def set_text_lengths(config: ml_collections.ConfigDict, text_length: int,
+                     answer_length: int = 0) -> None:
+  """Sets the data lengths the batch schema reads: every text field `text_length` tokens,
+  answers `answer_length` (0 = `text_length`)."""
+  d = config.data
+  if text_length:
+    d.max_caption_len = d.max_question_len = d.max_text_len = text_length
+  if answer_length or text_length:
+    d.max_answer_len = answer_length or text_length
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, text_length: int,
-                    seed: int = 0, answer_length: int = 0) -> dict[str, jax.Array]:
-  """Random inputs of `batch_spec`: noise video, random word ids after [CLS], labels as
-  the official ones (caption prompt masked), unit answer weights, distinct image ids."""
-  m = config.model
-  rng = np.random.default_rng(seed)
-  out = {}
-  for name, s in batch_spec(config, batch_size, text_length, answer_length).items():
-    if name == "video":
-      value = rng.normal(size=s.shape).astype(np.float32)
-    elif name.endswith("_ids") and name != "image_ids":
-      value = rng.integers(104, m.text.vocab_size, s.shape).astype(np.int32)
-      value[:, 0] = 101
-    elif name.endswith("_mask"):
-      value = np.ones(s.shape, np.int32)
-    elif name == "answer_question_index":
-      value = np.arange(s.shape[0], dtype=np.int32) * batch_size // s.shape[0]
-    elif name == "answer_weights":
-      value = np.ones(s.shape, np.float32)
-    elif name == "image_ids":
-      value = np.arange(batch_size, dtype=np.int32)
-    elif name == "labels":
-      value = rng.integers(0, m.num_classes, s.shape).astype(np.int32)
-    else:
-      continue
-    out[name] = value
-  for labels, ids in (("caption_labels", "caption_ids"), ("answer_labels", "answer_ids")):
-    if ids in out:
-      out[labels] = out[ids].copy()
-  if "caption_labels" in out:
-    out["caption_labels"][:, :3] = -100  # [CLS] + prompt pieces, as the official labels
-  return {k: jnp.asarray(v) for k, v in out.items()}
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of the task's batch (the family's schema), without allocating."""
+  family = registry.of(config.model)
+  return schema_lib.shapes(family.batch_schema(config.model, config.data,
+                                               int(config.batch_size)))
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, jax.Array]:
+  """Random inputs of the task's batch schema, every text at its full length (as the
+  official CPU baseline's inputs)."""
+  family = registry.of(config.model)
+  schema = family.batch_schema(config.model, config.data, int(config.batch_size))
+  batch = family.synthetic_batch(config.model, schema, np.random.default_rng(seed),
+                                 full_length=True)
+  return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 def matmul_ceiling_gflops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:

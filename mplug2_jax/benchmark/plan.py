@@ -6,8 +6,9 @@ r"""Accelerator plan by AOT compilation on fake CPU meshes, plus a roofline pred
 Compiles (never runs) the real pretraining train step for `--devices` fake CPU devices with
 the given data/fsdp/tensor mesh, bf16 compute and fp32 parameters, and reports per device:
 argument bytes (parameters, optimizer state, EMA, queues), temporary bytes
-(`compiled.memory_analysis()`), the analytic model FLOPs (`train/flops.py`; XLA's cost
-analysis counts a scanned layer stack once), and the bytes each kind of collective moves
+(`compiled.memory_analysis()`), the analytic model FLOPs (the family's `train_step_flops`;
+XLA's cost analysis counts a scanned layer stack once), and the bytes each kind of
+collective moves
 (parsed from the compiled HLO). `roofline.py` turns these into a predicted step time and MFU
 per accelerator (its docstring has the model and its stated assumptions); `--out` saves the
 raw figures so that predictions can be redone without recompiling.
@@ -28,11 +29,11 @@ _MESH = flags.DEFINE_string("mesh", "", "Mesh shape (data,fsdp,tensor); default 
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 4, "Videos per device.")
 _FRAMES = flags.DEFINE_integer("frames", 16, "Frames per video.")
 _TEXT = flags.DEFINE_integer("text_length", 30, "Text tokens.")
-_REMAT = flags.DEFINE_string("remat", "full", "Remat policy name (models/layers.py).")
+_REMAT = flags.DEFINE_string("remat", "full", "Remat policy name (layers/stack.py).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
 _ATTENTION = flags.DEFINE_string(
     "attention", "chunked",
-    "Attention implementation compiled (models/layers.py). 'chunked' stands in for the fused "
+    "Attention implementation compiled (layers/attention_op.py). 'chunked' stands in for the fused "
     "kernels that do not compile for CPU (cuDNN flash attention, TPU Pallas): all three keep "
     "the (T x S) probabilities of the 4,097 visual tokens out of memory.")
 _OUT = flags.DEFINE_string("out", "", "Write the raw per-device figures here (JSON), for "
@@ -46,15 +47,14 @@ def main(argv):
                              f" --xla_force_host_platform_device_count={devices}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
-  import ml_collections
   from ml_collections import config_flags  # noqa: F401
 
-  from mplug2_jax import config_lib, sharding
+  from mplug2_jax import experiment, sharding
   from mplug2_jax.benchmark import common
   from mplug2_jax.benchmark import roofline
   from mplug2_jax.benchmark.roofline import HARDWARE, collective_bytes
+  from mplug2_jax.models import registry
   from mplug2_jax.train import state as state_lib
-  from mplug2_jax.train import flops as flops_lib
   from mplug2_jax.train import step as step_lib
 
   path, _, arg = _CONFIG.value.partition(":")
@@ -66,29 +66,31 @@ def main(argv):
   config.model.update(dtype=_DTYPE.value, remat_policy=_REMAT.value, num_frames=_FRAMES.value,
                       attention=_ATTENTION.value)
   config.batch_size = devices * _PER_DEVICE.value // (mesh_shape[2] if len(mesh_shape) > 2 else 1)
-  config.total_steps = max(config.get("total_steps", 0), 1000)
+  config.total_steps = max(config.total_steps, 1000)
+  common.set_text_lengths(config, _TEXT.value)
   config.objective.queue_size = max(config.batch_size, config.objective.queue_size //
                                     config.batch_size * config.batch_size)
-  config_lib.validate(config, jax.device_count())
+  experiment.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh, config)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-           for k, v in common.batch_spec(config, config.batch_size, _TEXT.value).items()}
+           for k, v in common.batch_spec(config).items()}
   print(f"{config.model.task} {config.model.size}: global batch {config.batch_size} "
         f"({_FRAMES.value} frames x {config.model.image_size} px), mesh {dict(mesh.shape)}, "
         f"{_DTYPE.value} compute, remat {_REMAT.value}, attention {_ATTENTION.value}",
         flush=True)
-  trainer = state_lib.Trainer(config, mesh, batch)
-  abstract_state = trainer.abstract_sharded_state()
+  setup = state_lib.TrainSetup(config, mesh, batch)
+  abstract_state = setup.abstract_sharded_state()
   start = time.perf_counter()
-  compiled = step_lib.JittedStep(trainer).lower(abstract_state, batch).compile()
+  compiled = step_lib.JittedStep(setup).lower(abstract_state, batch).compile()
   compile_s = time.perf_counter() - start
   print(f"compiled in {compile_s:.0f} s", flush=True)
   memory = compiled.memory_analysis()
-  xla_flops = float(flops_lib.xla_cost(compiled).get("flops", 0.0))
+  xla_flops = float(step_lib.xla_cost(compiled).get("flops", 0.0))
   # XLA counts a scanned layer stack once; the analytic count is the model's (global batch,
   # split evenly over the devices).
-  flops = flops_lib.train_step_flops(config, {k: v.shape for k, v in batch.items()}) / devices
+  flops = registry.of(config.model).train_step_flops(
+      config, {k: v.shape for k, v in batch.items()}) / devices
   comm = collective_bytes(compiled.as_text())
   args_b, temp_b = memory.argument_size_in_bytes, memory.temp_size_in_bytes
   print(f"per device: arguments {args_b / 2**30:.2f} GiB (params, optimizer, EMA, queues), "

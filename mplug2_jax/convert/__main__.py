@@ -1,34 +1,39 @@
-r"""Checkpoint conversion between the official PyTorch mPLUG-2 and mplug2_jax.
+r"""Checkpoint conversion between the official PyTorch models and mplug2_jax.
 
-  # official .pth / .bin / .safetensors -> orbax checkpoint for a config
+  # official .pth / .bin / .safetensors -> parameters directory for a config
   python -m mplug2_jax.convert import-official --checkpoint mplug2_videoqa.pth \
       --config configs/videoqa.py:large --out /ckpt/videoqa_large
-  # orbax checkpoint -> official keys and layouts (load_state_dict(strict=True) works)
+  # parameters directory -> official keys and layouts (load_state_dict(strict=True) works)
   python -m mplug2_jax.convert export-official --checkpoint /ckpt/videoqa_large \
       --out videoqa_large.safetensors [--reference mplug2_videoqa.pth]
-  # pretraining init from CLIP (OpenAI or HF) and BERT (HF) weights
+  # pretraining init from public weights (mPLUG-2: CLIP and BERT)
   python -m mplug2_jax.convert init-pretrained --config configs/pretrain.py:large \
       --clip ViT-L-14.safetensors --bert bert-large-uncased/model.safetensors --out /ckpt/init
 
-Every official key is either converted or on the documented list of keys the official
-model builds but never runs; anything else stops the conversion naming the key.
+The model family comes from the config (`config.model.name`) or, for export, from the
+checkpoint's model_config.json. Every official key is either converted or on the family's
+documented list of keys the official model builds but never runs; anything else stops the
+conversion naming the key.
 """
 
 from __future__ import annotations
 
+import importlib
 import resource
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from mplug2_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (import, init).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Input checkpoint (file or directory).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (orbax) or file (.safetensors/.pth).")
 _REFERENCE = flags.DEFINE_string(
     "reference", None, "export: official checkpoint to copy never-used tensors from.")
-_CLIP = flags.DEFINE_string("clip", None, "init: CLIP checkpoint (OpenAI or HF keys).")
-_BERT = flags.DEFINE_string("bert", None, "init: BERT checkpoint (HF keys).")
+_CLIP = flags.DEFINE_string("clip", None, "init (mPLUG-2): CLIP checkpoint (OpenAI or HF keys).")
+_BERT = flags.DEFINE_string("bert", None, "init (mPLUG-2): BERT checkpoint (HF keys).")
 _POSITIONS = flags.DEFINE_enum(
     "positional_embedding", "resized", ["resized", "zeros"],
     "init: CLIP positional table resized to the grid (fix), or zeros (official quirk).")
@@ -40,75 +45,80 @@ def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _expected_shapes(model_cfg):
-  """Parameter path -> shape from `jax.eval_shape` (nothing allocated)."""
-  import jax
+def _conversion(model_cfg):
+  from mplug2_jax.models import registry
 
+  return importlib.import_module(registry.of(model_cfg).CONVERSION)
+
+
+def _abstract_params(model_cfg) -> dict:
+  """Parameter path -> ShapeDtypeStruct from `jax.eval_shape` (nothing allocated)."""
   from mplug2_jax import sharding
-  from mplug2_jax.models import mplug2
+  from mplug2_jax.models import registry
 
-  model = mplug2.build(model_cfg)
-  abstract = sharding.unboxed(sharding.abstract_params(model, mplug2.dummy_batch(model_cfg)))
-  return {"/".join(p.key for p in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+  family = registry.of(model_cfg)
+  abstract = sharding.abstract_params(family.build(model_cfg), family.init_batch(model_cfg))
+  return sharding.flat(sharding.unboxed(abstract))
 
 
 def import_official(config, checkpoint: str, out: str) -> None:
-  from mplug2_jax import config_lib
-  from mplug2_jax.convert import checkpoints, official
+  from mplug2_jax import experiment, param_store
+  from mplug2_jax.convert import checkpoints
 
-  config_lib.validate(config)
+  experiment.validate(config, training=False)
   model_cfg = config.model
-  state = official.AdaptedStateDict(checkpoints.LazyStateDict(checkpoint), model_cfg)
-  flat = official.to_flax(state, model_cfg, _expected_shapes(model_cfg))
-  if state.resized_from is not None:
-    print(f"visual positional embedding resized {state.resized_from} -> grid "
-          f"{model_cfg.image_size // model_cfg.vision.patch_size}")
-  params = checkpoints.nest(flat)
-  del flat
-  checkpoints.save_params(out, params, model_cfg)
-  n = sum(v.size for v in checkpoints.flatten(params).values())
-  print(f"imported {n:,} parameters ({model_cfg.task}, {model_cfg.size}) into {out}")
+  expected = {k: v.shape for k, v in _abstract_params(model_cfg).items()}
+  flat, notes = _conversion(model_cfg).import_official(
+      checkpoints.LazyStateDict(checkpoint), model_cfg, expected)
+  for note in notes:
+    print(note)
+  n = sum(v.size for v in flat.values())
+  param_store.save_params(out, param_store.nest(flat), model_cfg)
+  print(f"imported {n:,} parameters ({model_cfg.name} {model_cfg.task}, {model_cfg.size}) "
+        f"into {out}")
 
 
 def export_official(checkpoint: str, out: str, reference: str | None) -> None:
-  from mplug2_jax.convert import checkpoints, official
+  from mplug2_jax import param_store
+  from mplug2_jax.convert import checkpoints
 
-  model_cfg = checkpoints.load_model_config(checkpoint)
-  flat = checkpoints.flatten(checkpoints.load_params(checkpoint))
+  model_cfg = param_store.load_model_config(checkpoint)
+  flat = param_store.flatten(param_store.load_params(checkpoint))
   ref = checkpoints.LazyStateDict(reference) if reference else None
-  state, counts = official.export_state(flat, model_cfg, ref)
+  state, notes = _conversion(model_cfg).export_official(flat, model_cfg, ref)
   del flat
   checkpoints.write_state_dict(state, out)
-  print(f"exported {len(state)} official keys to {out}: {counts}")
-  if counts["zeros"]:
-    print(f"  {counts['zeros']} tensors the official model builds but never runs were written "
-          f"as zeros (pass --reference to copy them from an official checkpoint)")
+  print(f"exported {len(state)} official keys to {out}")
+  for note in notes:
+    print(f"  {note}")
 
 
-def init_pretrained(config, out: str, clip: str | None, bert: str | None,
+def init_pretrained(config, out: str, paths: dict[str, str | None],
                     positional_embedding: str) -> None:
   import jax
 
-  from mplug2_jax import config_lib, sharding
-  from mplug2_jax.convert import checkpoints, pretrained
-  from mplug2_jax.models import mplug2
+  from mplug2_jax import experiment, param_store, sharding
+  from mplug2_jax.convert import checkpoints
+  from mplug2_jax.models import registry
 
-  config_lib.validate(config)
-  if not clip and not bert:
-    raise app.UsageError("init-pretrained needs --clip and/or --bert")
+  experiment.validate(config, training=False)
   model_cfg = config.model
-  model = mplug2.build(model_cfg)
-  variables = jax.jit(model.init)(jax.random.key(config.seed), mplug2.dummy_batch(model_cfg))
+  conversion = _conversion(model_cfg)
+  sources = {k: checkpoints.LazyStateDict(p) for k, p in paths.items()
+             if p and k in conversion.INIT_SOURCES}
+  if not sources:
+    raise app.UsageError(f"init-pretrained for {model_cfg.name} needs at least one of "
+                         + ", ".join(f"--{k}" for k in conversion.INIT_SOURCES))
+  family = registry.of(model_cfg)
+  variables = jax.jit(family.build(model_cfg).init)(jax.random.key(config.seed),
+                                                    family.init_batch(model_cfg))
   fresh = {k: jax.device_get(v) for k, v in
-           checkpoints.flatten(sharding.unboxed(variables["params"])).items()}
-  params, report = pretrained.initialise(
-      fresh, model_cfg, clip=checkpoints.LazyStateDict(clip) if clip else None,
-      bert=checkpoints.LazyStateDict(bert) if bert else None,
-      positional_embedding=positional_embedding)
-  checkpoints.save_params(out, checkpoints.nest(params), model_cfg)
-  print(f"imported {len(report['imported'])} pretrained tensors into {out}")
-  print("fresh (official initialisers): " + ", ".join(pretrained.summarise(report["fresh"])))
+           sharding.flat(sharding.unboxed(variables["params"])).items()}
+  params, notes = conversion.init_pretrained(fresh, model_cfg, sources, positional_embedding)
+  param_store.save_params(out, param_store.nest(params), model_cfg)
+  print(f"wrote {out}")
+  for note in notes:
+    print(note)
 
 
 def main(argv):
@@ -129,9 +139,10 @@ def main(argv):
   else:
     if not _CONFIG.value:
       raise app.UsageError("init-pretrained needs --config")
-    init_pretrained(_CONFIG.value, _OUT.value, _CLIP.value, _BERT.value, _POSITIONS.value)
+    init_pretrained(_CONFIG.value, _OUT.value, {"clip": _CLIP.value, "bert": _BERT.value},
+                    _POSITIONS.value)
   print(f"done in {time.perf_counter() - start:.1f}s, peak host memory {_peak_rss_gib():.2f} GiB")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,24 +1,19 @@
-"""Reading and writing checkpoints: official PyTorch files, safetensors, orbax.
+"""Reading and writing official checkpoint files: PyTorch `.pth`/`.bin` and safetensors.
 
 Official files are read lazily, tensor by tensor (`safe_open` for safetensors, a
 memory-mapped `torch.load` for `.pth`/`.bin`), so converting the 1.5B-parameter large
 checkpoint holds one converted copy of the used weights plus a few tensors in flight,
 never two fp32 copies plus a torch copy. torch is imported only for `.pth`/`.bin`.
+The exported-parameters directory (orbax) is `param_store.py`.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Iterator
 
-import jax
-import ml_collections
 import numpy as np
-
-PARAMS_DIR = "params"
-MODEL_CONFIG_FILE = "model_config.json"
 
 
 class LazyStateDict(Mapping):
@@ -95,62 +90,3 @@ def write_state_dict(state: dict[str, np.ndarray], path: str | pathlib.Path) -> 
     torch.save({k: torch.from_numpy(np.asarray(v, order="C")) for k, v in state.items()}, str(path))
   else:
     raise ValueError(f"{path}: write .safetensors or .pth")
-
-
-# ---- orbax ------------------------------------------------------------------------------
-
-
-def nest(flat: dict[str, Any]) -> dict:
-  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(flatten(value, path + "/"))
-    else:
-      out[path] = value
-  return out
-
-
-def save_params(directory: str | pathlib.Path, params: dict,
-                model_config: ml_collections.ConfigDict) -> pathlib.Path:
-  """Parameters as an orbax checkpoint plus the model config that built them."""
-  import orbax.checkpoint as ocp
-
-  directory = pathlib.Path(directory).absolute()
-  directory.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory / PARAMS_DIR, params, force=True)
-  if jax.process_index() == 0:
-    (directory / MODEL_CONFIG_FILE).write_text(model_config.to_json(indent=2))
-  return directory
-
-
-def load_model_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
-  path = pathlib.Path(directory) / MODEL_CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"{path} is missing: not a checkpoint written by mplug2_jax.convert")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def load_params(directory: str | pathlib.Path) -> dict:
-  """The parameter tree as host numpy arrays."""
-  import orbax.checkpoint as ocp
-
-  directory = pathlib.Path(directory).absolute()
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(directory / PARAMS_DIR).item_metadata
-    # numpy targets restore onto the host, not onto an accelerator.
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
-    return checkpointer.restore(directory / PARAMS_DIR, target)

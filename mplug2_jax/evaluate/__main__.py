@@ -25,10 +25,10 @@ split, and process 0 writes the files (padding removed, each example counted onc
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from mplug2_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/TASK.py[:args]",
                                           lock_config=True)
@@ -37,21 +37,19 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "parameter directory (para
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
 flags.mark_flags_as_required(["config", "checkpoint"])
 
-from mplug2_jax.evaluate.runner import RESULT_FILES, metric_table, run, write_outputs  # noqa: E402,F401
-
 
 def main(argv):
   del argv
   from absl import logging
+
+  from mplug2_jax import distributed
+  from mplug2_jax.evaluate import runner
+
   logging.set_verbosity(logging.WARNING)  # library INFO chatter; progress is printed
-  try:  # multi-process start (TPU pods, SLURM) when the training package provides it
-    from mplug2_jax.train import distributed
-    distributed.maybe_initialize("", 0, -1)
-  except ImportError:
-    pass
-  run(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value,
-      log=lambda msg: print(msg, flush=True))
+  distributed.maybe_initialize("", 0, -1)  # multi-process start (TPU pods, SLURM)
+  runner.run(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value,
+             log=lambda msg: print(msg, flush=True))
 
 
 if __name__ == "__main__":
-  app.run(main, argv=sys.argv)
+  cli.run(main)

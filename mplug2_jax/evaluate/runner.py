@@ -7,9 +7,9 @@ in-process by the demo job. Output files per task: see evaluate/__main__.py.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import time
+
+from etils import epath
 
 RESULT_FILES = {"caption": "caption_result.json", "videoqa": "qa_result.json",
                 "retrieval": "retrieval_result.json",
@@ -39,9 +39,9 @@ def metric_table(metrics: dict, paper: dict | None = None) -> str:
   return "\n".join(lines)
 
 
-def write_outputs(workdir: str | os.PathLike, task: str, rows: list, metrics: dict,
-                  config, seconds: float) -> pathlib.Path:
-  out = pathlib.Path(workdir)
+def write_outputs(workdir, task: str, rows: list, metrics: dict, config,
+                  seconds: float) -> epath.Path:
+  out = epath.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
   (out / RESULT_FILES[task]).write_text(json.dumps(rows, indent=1))
@@ -49,9 +49,9 @@ def write_outputs(workdir: str | os.PathLike, task: str, rows: list, metrics: di
     (out / "vqa_result.json").write_text(json.dumps(
         [{"question_id": r["question_id"], "answer": r["pred_answer"]} for r in rows]))
   if task == "grounding":
-    with open(out / "eval_log.txt", "a", encoding="utf-8") as f:
-      f.write(json.dumps({f"{config.eval.split}_set_accuracy": metrics["accuracy_iou50"]})
-              + "\n")
+    from mplug2_jax.evaluate import grounding
+    with (out / "eval_log.txt").open("a") as f:
+      f.write(grounding.official_log_line(config.eval.split, metrics["accuracy_iou50"]) + "\n")
   (out / "metrics.json").write_text(json.dumps(
       {"task": task, "metrics": metrics, "paper": config.paper.to_dict(),
        "seconds": seconds, "config": json.loads(config.to_json())}, indent=2))
@@ -59,22 +59,24 @@ def write_outputs(workdir: str | os.PathLike, task: str, rows: list, metrics: di
 
 
 def run(config, checkpoint: str, workdir: str | None, log=print) -> tuple[list, dict]:
+  """Evaluates `config.task` with the parameters directory `checkpoint`."""
   import jax
   import ml_collections
 
-  from mplug2_jax.convert import checkpoints
+  from mplug2_jax import param_store, sharding
   from mplug2_jax.data import pipeline
-  from mplug2_jax.evaluate import tasks
+  from mplug2_jax.evaluate import common
+  from mplug2_jax.models import registry
 
   task = config.task
-  ckpt = pathlib.Path(checkpoint)
+  ckpt = epath.Path(checkpoint)
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
-  if (ckpt / checkpoints.MODEL_CONFIG_FILE).exists():
-    config.model = checkpoints.load_model_config(ckpt)
+  if (ckpt / param_store.MODEL_CONFIG_FILE).exists():
+    config.model = param_store.load_model_config(ckpt)
   model_cfg = config.model
-  from mplug2_jax.models import mplug2
-  needed = mplug2.TASK_MODULES[tasks.MODEL_TASK[task]]
-  have = mplug2.TASK_MODULES.get(model_cfg.task, set())
+  family = registry.of(model_cfg)
+  needed = family.TASK_MODULES[common.task_module(task).MODEL_TASK]
+  have = family.TASK_MODULES.get(model_cfg.task, set())
   if not needed <= have:  # e.g. a pre-trained model serves zero-shot retrieval
     raise ValueError(f"{ckpt} holds a {model_cfg.task!r} model without {sorted(needed - have)}"
                      f", which the {task} evaluation needs")
@@ -83,18 +85,16 @@ def run(config, checkpoint: str, workdir: str | None, log=print) -> tuple[list, 
                      "built with python -m mplug2_jax.data.build)")
   # Every device of every process evaluates a slice of each batch (data axes of the mesh);
   # the parameters are sharded by the logical rules, as in training.
-  from mplug2_jax import sharding
-
   mesh = sharding.make_mesh(config)
-  config.eval = tasks.complete_settings(task, config.eval, config.data, mesh, config)
+  config.eval = common.complete_settings(task, config.eval, config.data, mesh, config)
   log(f"loading {ckpt} ...")
-  params = checkpoints.load_params(ckpt)
+  params = param_store.load_params(ckpt)
   iterator = pipeline.make_iterator(config.data, split=config.eval.split,
                                     batch_size=config.eval.batch_size, model_cfg=model_cfg,
                                     sharding=sharding.batch_sharding(mesh, config))
   start = time.time()
-  rows, metrics = tasks.evaluate(task, model_cfg, params, iterator, config.eval, log=log,
-                                 mesh=mesh, rules_config=config)
+  rows, metrics = common.evaluate(task, model_cfg, params, iterator, config.eval, log=log,
+                                  mesh=mesh, rules_config=config)
   seconds = time.time() - start
   if jax.process_index() == 0:
     workdir = workdir or str(ckpt / "eval" / task)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mplug2_jax.models import layers
+from mplug2_jax.layers import activations, attentions, axes, linear, mlp, norms, stack
 
 Array = Any
 
@@ -40,22 +40,22 @@ class LocalTemporal(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:  # x: (B, T, P, C)
     bottleneck = self.width // 2
-    h = layers.Norm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
-    down_init = layers.torch_default_init(self.width)
-    h = layers.Dense(bottleneck, kernel_axes=("embed", "mlp"), dtype=self.dtype,
+    h = norms.Norm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+    down_init = linear.torch_default_init(self.width)
+    h = linear.Dense(bottleneck, kernel_axes=("embed", "mlp"), dtype=self.dtype,
                      param_dtype=self.param_dtype, kernel_init=down_init, bias_init=down_init,
                      name="down")(h)
-    conv_init = layers.torch_default_init(3)  # depthwise: fan_in = 1 channel x 3 taps
-    kernel = self.param("conv_kernel", layers.param_init(conv_init, ("conv_time", "mlp")),
+    conv_init = linear.torch_default_init(3)  # depthwise: fan_in = 1 channel x 3 taps
+    kernel = self.param("conv_kernel", axes.param_init(conv_init, ("conv_time", "mlp")),
                         (3, bottleneck), self.param_dtype).astype(self.dtype)
-    bias = self.param("conv_bias", layers.param_init(conv_init, ("mlp",)),
+    bias = self.param("conv_bias", axes.param_init(conv_init, ("mlp",)),
                       (bottleneck,), self.param_dtype).astype(self.dtype)
     padded = jnp.pad(h, ((0, 0), (1, 1), (0, 0), (0, 0)))
     frames = h.shape[1]
     h = (kernel[0] * padded[:, 0:frames] + kernel[1] * padded[:, 1:frames + 1]
          + kernel[2] * padded[:, 2:frames + 2] + bias)
-    h = layers.quick_gelu(h)
-    return layers.Dense(self.width, kernel_axes=("mlp", "embed"), dtype=self.dtype,
+    h = activations.quick_gelu(h)
+    return linear.Dense(self.width, kernel_axes=("mlp", "embed"), dtype=self.dtype,
                         param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros_init(),
                         name="up")(h)
 
@@ -85,13 +85,13 @@ class VisionBlock(nn.Module):
       return jnp.concatenate([cls, p.reshape(patches.shape)], axis=1)
 
     x = temporal("temporal1", x)
-    h = layers.Norm(cfg.ln_eps, name="attn_norm", **kw)(x)
-    x = x + layers.MultiHeadAttention(width // cfg.head_dim, cfg.head_dim, width,
+    h = norms.Norm(cfg.ln_eps, name="attn_norm", **kw)(x)
+    x = x + attentions.MultiHeadAttention(width // cfg.head_dim, cfg.head_dim, width,
                                       implementation=self.attention, name="attn", **kw)(h)
     x = temporal("temporal2", x)
-    h = layers.Norm(cfg.ln_eps, name="mlp_norm", **kw)(x)
-    x = x + layers.Mlp(cfg.mlp_ratio * width, width, act="quick_gelu", name="mlp", **kw)(h)
-    x = layers.constrain(x)
+    h = norms.Norm(cfg.ln_eps, name="mlp_norm", **kw)(x)
+    x = x + mlp.Mlp(cfg.mlp_ratio * width, width, act="quick_gelu", name="mlp", **kw)(h)
+    x = axes.constrain(x)
     return x, (x if self.collect else None)
 
 
@@ -117,7 +117,7 @@ class PatchEmbed(nn.Module):
   def __call__(self, video: Array) -> Array:
     p = self.patch
     kernel = self.param(
-        "kernel", layers.param_init(nn.initializers.lecun_normal(),
+        "kernel", axes.param_init(nn.initializers.lecun_normal(),
                                     ("conv_time", "conv_height", "conv_width", "conv_in", "embed")),
         (self.t_kernel, p, p, video.shape[-1], self.width), self.param_dtype).astype(self.dtype)
     if self.t_kernel == 1 and self.t_stride == 1 and self.t_pad == 0:
@@ -159,25 +159,25 @@ class VideoEncoder(nn.Module):
     x = PatchEmbed(width, p, t_kernel, t_stride, t_pad, name="patch_embed", **kw)(video)
     frames, grid = x.shape[1], x.shape[2]
     x = x.reshape(batch * frames, grid * grid, width)
-    cls = self.param("class_embedding", layers.param_init(nn.initializers.normal(0.02), ("embed",)),
+    cls = self.param("class_embedding", axes.param_init(nn.initializers.normal(0.02), ("embed",)),
                      (width,), self.param_dtype).astype(self.dtype)
     pos = self.param("positional_embedding",
-                     layers.param_init(nn.initializers.normal(0.02), ("position", "embed")),
+                     axes.param_init(nn.initializers.normal(0.02), ("position", "embed")),
                      (1 + grid * grid, width), self.param_dtype).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)), x], axis=1) + pos
-    x = layers.Norm(cfg.ln_eps, name="ln_pre", **kw)(x)
-    x = layers.constrain(x)
+    x = norms.Norm(cfg.ln_eps, name="ln_pre", **kw)(x)
+    x = axes.constrain(x)
 
-    blocks = layers.stack(VisionBlock, cfg.layers, self.remat_policy, broadcast_args=1)
+    blocks = stack.stack(VisionBlock, cfg.layers, self.remat_policy, broadcast_args=1)
     x, per_block = blocks(cfg, frames, self.attention, self.collect, name="blocks", **kw)(x, None)
 
     x = x.reshape(batch, frames, 1 + grid * grid, width)
     video_cls = jnp.mean(x[:, :, :1], axis=1)                            # (B, 1, C)
     patches = x[:, :, 1:].reshape(batch, frames * grid * grid, width)    # frame-major
-    tokens = layers.Norm(cfg.ln_eps, name="ln_post", **kw)(
+    tokens = norms.Norm(cfg.ln_eps, name="ln_post", **kw)(
         jnp.concatenate([video_cls, patches], axis=1))
     aux = {"vision_block_outputs": per_block} if self.collect else {}
-    return layers.constrain(tokens), aux
+    return axes.constrain(tokens), aux
 
 
 def num_tokens(cfg: ml_collections.ConfigDict, image_size: int, frames: int) -> int:

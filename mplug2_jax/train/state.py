@@ -1,15 +1,16 @@
-"""The train state: one pytree, created sharded (shapes first, then a jitted init).
+"""The train state and everything a run needs to build, shard and restore it.
 
-  TrainState(step, params, opt_state, ema_params, queues, rng, nonfinite, nonfinite_total)
+  TrainState(step, params, opt_state, extra, rng, nonfinite, nonfinite_total)
 
-`ema_params` (momentum model: the ITC feature path) and `queues` are empty dicts for tasks
-without ITC. `rng` is stored as raw key data (uint32) so that checkpoints do not depend on
-typed-key support; the step wraps it with the default PRNG implementation.
+`extra` is the state the model family's objectives keep between steps (mPLUG-2: the
+momentum model and ITC queues of retrieval / pre-training; {} otherwise). `rng` is stored
+as raw key data (uint32) so that checkpoints do not depend on typed-key support; the step
+wraps it with the default PRNG implementation.
 
-Shardings: params by the logical rules (`sharding.logical_shardings`); optimizer-state
-leaves that mirror a parameter (Adam moments) take that parameter's sharding, found by
-matching the parameter path at the end of the leaf's path; EMA params follow params; the
-rest (counts, queues, rng) is replicated.
+Shardings: params by the logical rules (`sharding.logical_shardings`); leaves of the
+optimizer state and of `extra` that mirror a parameter (Adam moments, the EMA copy) take
+that parameter's sharding, found by matching the parameter path at the end of the leaf's
+path; the rest (counts, queues, rng) is replicated.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
+import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mplug2_jax import sharding
-from mplug2_jax.models import mplug2
-from mplug2_jax.train import objectives
+from mplug2_jax import param_store, sharding
+from mplug2_jax.models import registry
 from mplug2_jax.train import optimizer as optimizer_lib
 
 
@@ -35,8 +36,7 @@ class TrainState:
   step: jax.Array             # int32 (): optimizer steps taken (skipped steps not counted)
   params: Any
   opt_state: Any
-  ema_params: Any             # {} unless the task uses the momentum model
-  queues: Any                 # {} unless the task uses ITC queues
+  extra: Any                  # the family objectives' state between steps ({} if none)
   rng: jax.Array              # uint32 raw key data; folded with `step` every step
   nonfinite: jax.Array        # int32 (): consecutive skipped (non-finite) steps
   nonfinite_total: jax.Array  # int32 (): all skipped steps
@@ -67,63 +67,53 @@ def follow_params(tree: Any, param_shardings: Any, abstract_params: Any, mesh: M
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-class Trainer:
-  """Model, optimizer and state shardings of one run (everything the step needs)."""
+class TrainSetup:
+  """One run's model, objective, optimizer and state shardings: what the step, the
+  checkpoints and the loop share. `example_batch` (arrays or ShapeDtypeStructs) gives
+  the batch structure; parameter init traces a one-row stand-in of it."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, example_batch: dict):
     self.config, self.mesh = config, mesh
-    self.model = mplug2.build(config.model, deterministic=False)
-    self.objective = config.get("objective", objectives.default_objective_config())
-    self.opt_config = config.get("optimizer", optimizer_lib.default_optimizer_config())
-    # Parameters do not depend on the batch size: init traces a one-row stand-in, so the
-    # example batch may be abstract (ShapeDtypeStructs) and of any (pod-scale) size.
+    self.family = registry.of(config.model)
+    self.model = self.family.build(config.model, deterministic=False)
+    self.objectives = self.family.objectives
+    self.objective = config.objective
+    self.opt_config = config.optimizer
     self.example_batch = jax.tree.map(
         lambda x: jnp.zeros((1,) + tuple(x.shape[1:]), x.dtype), example_batch)
+    init_model = self.family.build(config.model)
+    self.param_shardings = sharding.param_shardings(init_model, self.example_batch, mesh, config)
     with sharding.activate(mesh, config):
-      boxed = sharding.abstract_params(mplug2.build(config.model), self.example_batch)
-      self.param_shardings = sharding.logical_shardings(boxed, mesh, config)
-    self.abstract_params = sharding.unboxed(boxed)
+      self.abstract_params = sharding.unboxed(
+          sharding.abstract_params(init_model, self.example_batch))
     self.tx, self.lr_fn = optimizer_lib.make(self.opt_config, self.abstract_params,
-                                             int(config.get("total_steps", 0)))
+                                             int(config.total_steps))
     self.abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
     self.state_shardings = self._shardings(self.abstract_state)
     self._jitted_init = None
 
-  @property
-  def uses_momentum(self) -> bool:
-    return objectives.uses_momentum(self.config.model.task)
-
   def _init(self, key_data) -> TrainState:
     rng = jax.random.wrap_key_data(key_data)
-    k_params, k_queue, k_train = jax.random.split(rng, 3)
-    variables = mplug2.build(self.config.model).init(
+    k_params, k_extra, k_train = jax.random.split(rng, 3)
+    variables = self.family.build(self.config.model).init(
         {"params": k_params, "dropout": k_params}, self.example_batch)
     params = nn.meta.unbox(variables["params"])
-    ema, queues = {}, {}
-    if self.uses_momentum:
-      ema = jax.tree.map(jnp.copy, objectives.momentum_subset(params))
-      queues = objectives.init_queues(k_queue, int(self.objective.queue_size),
-                                      int(self.config.model.embed_dim))
+    extra = self.objectives.init_extra(k_extra, params, self.config.model, self.objective)
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=self.tx.init(params),
-                      ema_params=ema, queues=queues, rng=jax.random.key_data(k_train),
-                      nonfinite=zero, nonfinite_total=zero)
+    return TrainState(step=zero, params=params, opt_state=self.tx.init(params), extra=extra,
+                      rng=jax.random.key_data(k_train), nonfinite=zero, nonfinite_total=zero)
 
   def _shardings(self, abstract: TrainState) -> TrainState:
     replicated = NamedSharding(self.mesh, P())
-    rep = lambda tree: jax.tree.map(lambda _: replicated, tree)
-    return TrainState(
-        step=replicated, params=self.param_shardings,
-        opt_state=follow_params(abstract.opt_state, self.param_shardings,
-                                self.abstract_params, self.mesh),
-        ema_params=follow_params(abstract.ema_params, self.param_shardings,
-                                 self.abstract_params, self.mesh),
-        queues=rep(abstract.queues), rng=replicated, nonfinite=replicated,
-        nonfinite_total=replicated)
+    follow = lambda tree: follow_params(tree, self.param_shardings, self.abstract_params,
+                                        self.mesh)
+    return TrainState(step=replicated, params=self.param_shardings,
+                      opt_state=follow(abstract.opt_state), extra=follow(abstract.extra),
+                      rng=replicated, nonfinite=replicated, nonfinite_total=replicated)
 
   def init(self, seed: int | None = None) -> TrainState:
     """The initial state, created directly in its sharded layout."""
-    seed = int(self.config.get("seed", 0) if seed is None else seed)
+    seed = int(self.config.seed if seed is None else seed)
     key_data = jax.random.key_data(jax.random.key(seed))
     if self._jitted_init is None:
       self._jitted_init = jax.jit(self._init, out_shardings=self.state_shardings)
@@ -137,3 +127,26 @@ class Trainer:
 
   def param_groups(self) -> dict[str, str]:
     return optimizer_lib.param_groups(self.abstract_params, self.opt_config)
+
+  def with_initial_params(self, state: TrainState, directory: str) -> TrainState:
+    """`state` with every parameter found in the parameters directory `directory`
+    (`param_store`) placed straight into its sharding; a shape mismatch raises, parameters
+    missing from the directory keep their initial values (logged), and the objectives'
+    momentum copies restart from the loaded parameters."""
+    loaded = sharding.flat(param_store.load_params(directory))
+    ours = sharding.flat(state.params)
+    mismatched = [f"{k}: checkpoint {loaded[k].shape}, model {ours[k].shape}"
+                  for k in ours if k in loaded and loaded[k].shape != ours[k].shape]
+    if mismatched:
+      raise ValueError(f"init_checkpoint {directory}: parameter shapes differ from the "
+                       f"model's: " + "; ".join(mismatched[:8]))
+    missing = sorted(set(ours) - set(loaded))
+    unused = sorted(set(loaded) - set(ours))
+    host = {k: (np.asarray(loaded[k]).astype(v.dtype) if k in loaded else v)
+            for k, v in ours.items()}
+    params = sharding.place(param_store.nest(host), self.param_shardings)
+    logging.info("init_checkpoint %s: %d parameters loaded, %d kept from init %s, %d unused %s",
+                 directory, len(ours) - len(missing), len(missing), missing[:8], len(unused),
+                 unused[:8])
+    return state.replace(params=params,
+                         extra=self.objectives.reset_momentum(state.extra, params))

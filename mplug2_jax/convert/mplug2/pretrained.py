@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import ml_collections
 import numpy as np
 
-from mplug2_jax.convert import official
+from mplug2_jax.convert.mplug2 import official
 
 # HF CLIP vision keys (after dropping a leading "vision_model.", which transformers 4
 # writes and 5 does not for CLIPVisionModel) -> OpenAI keys.

@@ -1,6 +1,6 @@
 r"""Large-config conversion both ways, with peak host memory (random official weights).
 
-    python -m mplug2_jax.convert.large_roundtrip --workdir /tmp/large_rt [--task caption]
+    python -m mplug2_jax.convert.mplug2.large_roundtrip --workdir /tmp/large_rt [--task caption]
 
 1. writes a random checkpoint with every key of the official large task model
    (`layout.official_layout`, 1.52B unique parameters for caption), in its own process;
@@ -28,10 +28,10 @@ def write_random_checkpoint(path: pathlib.Path, task: str) -> None:
   import numpy as np
   from safetensors.numpy import save_file
 
-  from mplug2_jax import config_lib
-  from mplug2_jax.convert import layout
+  from mplug2_jax.convert.mplug2 import layout
+  from mplug2_jax.models.mplug2 import config as mplug2_config
 
-  m = config_lib.model_config("large", task)
+  m = mplug2_config.model_config("large", task)
   m.official.distill = False
   rng = np.random.default_rng(0)
   state = {}
@@ -76,8 +76,8 @@ def main(argv):
     return write_random_checkpoint(original, _TASK.value)
   if _STAGE.value == "compare":
     return compare(original, exported)
-  repo = pathlib.Path(__file__).resolve().parents[2]
-  me = ["-m", "mplug2_jax.convert.large_roundtrip", f"--workdir={work}", f"--task={_TASK.value}"]
+  repo = pathlib.Path(__file__).resolve().parents[3]
+  me = ["-m", "mplug2_jax.convert.mplug2.large_roundtrip", f"--workdir={work}", f"--task={_TASK.value}"]
   run(*me, "--stage=write")
   run("-m", "mplug2_jax.convert", "import-official", f"--checkpoint={original}",
       f"--config={CONFIG.format(repo=repo, task=_TASK.value)}",

@@ -26,9 +26,8 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from mplug2_jax import config_lib
-from mplug2_jax.models import layers as layers_lib
-from mplug2_jax.models import mplug2
+from mplug2_jax.layers import stack
+from mplug2_jax.models.mplug2 import config as mplug2_config
 
 Arrays = list[np.ndarray]
 
@@ -194,7 +193,7 @@ def _clip_block(heads: int, temporal: bool) -> list[Entry]:
 def entries(m: ml_collections.ConfigDict) -> list[Entry]:
   """Every official key the model of `config.model` uses, mapped to its Flax leaves."""
   v, t = m.vision, m.text
-  modules = mplug2.TASK_MODULES[m.task]
+  modules = mplug2_config.TASK_MODULES[m.task]
   out: list[Entry] = []
   ve = "visual_encoder.visual."
   out += [_same(ve + "class_embedding", "vision/class_embedding"),
@@ -225,7 +224,7 @@ def entries(m: ml_collections.ConfigDict) -> list[Entry]:
   if "fusion" in modules:
     start = fusion_start(t)
     kinds = [j > 0 and j % t.fusion_stride == 0 for j in range(running_fusion_layers(t))]
-    for joint, s, n in layers_lib.runs(kinds):
+    for joint, s, n in stack.runs(kinds):
       out += _bert_stack("fusion_encoder.encoder.layer.", f"fusion/layers_{s}/layer",
                          range(start + s, start + s + n), heads, cross=not joint)
   if "decoder" in modules:
@@ -269,7 +268,7 @@ def unused_reason(key: str, m: ml_collections.ConfigDict) -> str | None:
   for pattern, reason in UNUSED_RULES:
     if re.search(pattern, key):
       return reason
-  modules = mplug2.TASK_MODULES[m.task]
+  modules = mplug2_config.TASK_MODULES[m.task]
   t = m.text
   if key.startswith("fusion_encoder."):
     if "fusion" not in modules:
@@ -346,7 +345,7 @@ def model_config_from_official(case: dict) -> ml_collections.ConfigDict:
   keys under "config", the BERT json under "bert_config", the CLIP architecture under
   "clip_arch")."""
   yaml, bert, clip = case["config"], case["bert_config"], case["clip_arch"]
-  m = config_lib.model_config("tiny", case.get("task", "videoqa"))
+  m = mplug2_config.model_config("tiny", case.get("task", "videoqa"))
   m.vision.update(width=clip["vision_width"], layers=clip["vision_layers"],
                   patch_size=clip["vision_patch_size"],
                   temporal_downsampling=bool(yaml.get("temporal_downsampling", False)),
@@ -437,7 +436,7 @@ def export_state(flat: dict[str, np.ndarray], m: ml_collections.ConfigDict,
   (`*_m`) copy their main weights, position-id buffers are `arange`, and the remaining
   never-used tensors are zeros. Returns the state dict and counts of each source.
   """
-  from mplug2_jax.convert import layout
+  from mplug2_jax.convert.mplug2 import layout
 
   ours = to_official(flat, m)
   full = layout.official_layout(m)

@@ -3,14 +3,14 @@
   train_step_flops(config, shapes) -> float      (whole global batch, one optimizer step)
 
 Counted: every matrix multiplication (2 FLOPs per multiply-add) of the model as the task's
-objective runs it (models/mplug2.py, train/objectives.py), attention scores and values
+objective runs it (model.py, objectives.py), attention scores and values
 included. Trainable forwards count 3x (forward, input gradient, weight gradient); the
 patch embedding 2x (no gradient w.r.t. the pixels); the momentum model of ITC forward only
 (no gradient). Not counted: element-wise work (norms, softmax, activations, the optimizer
 update), which is a few percent for real model sizes; the test compares with XLA's cost
 analysis (within 20 %; 3-5 % seen) on a small model where that share is still visible.
 XLA's cost analysis counts the body of a while loop once, so for models whose layers are
-scanned (`layers.stack`) it is not a substitute for this count.
+scanned (`layers/stack.py`) it is not a substitute for this count.
 
 Shapes: the batch dict's arrays (`video` (B, T, H, W, 3), `text_ids` (B, L),
 `caption_ids`, `answer_ids` (B*K, La)); `config.model` gives the widths.
@@ -154,15 +154,3 @@ def train_step_flops(config: ml_collections.ConfigDict,
   queue = int(config.objective.queue_size) if "objective" in config else 0
   train, embed, frozen = forward_flops(config.model, shapes, queue)
   return 3.0 * train + 2.0 * embed + frozen
-
-
-def xla_cost(compiled) -> dict:
-  """XLA's cost analysis of a compiled computation as one dict ({} where the backend has
-  none). Note it counts a scanned layer stack's body once, not once per layer."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001  (not every backend reports costs)
-    return {}
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return dict(cost or {})

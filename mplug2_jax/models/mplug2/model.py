@@ -1,7 +1,8 @@
 """mPLUG-2: the composite model, its task compositions and heads.
 
 Spec: `shared/spec/mplug2.md` sections 1 and 6. Modules are composed per task; only the
-modules a task uses are built (so parameter counts equal the official "used" counts):
+modules a task uses are built (so parameter counts equal the official "used" counts;
+`config.TASK_MODULES`):
 
   task            modules
   caption         video encoder, universal layers, visn_emb_norm, decoder
@@ -22,24 +23,14 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mplug2_jax.models import bert, layers, vit
+from mplug2_jax.layers import linear, norms
+from mplug2_jax.models import vit
+from mplug2_jax.models.mplug2 import bert
 
 Array = Any
-
-TASKS = ("caption", "videoqa", "retrieval", "pretrain", "grounding", "classification")
-# Which modules each task builds and runs.
-TASK_MODULES = {
-    "caption": {"vision", "universal", "decoder"},
-    "videoqa": {"vision", "universal", "text", "fusion", "decoder"},
-    "grounding": {"vision", "universal", "text", "fusion", "decoder"},
-    "retrieval": {"vision", "universal", "text", "fusion", "itc", "itm"},
-    "pretrain": {"vision", "universal", "text", "fusion", "decoder", "itc", "itm", "mlm"},
-    "classification": {"vision", "classifier"},
-}
 
 
 class ItcHead(nn.Module):
@@ -52,7 +43,7 @@ class ItcHead(nn.Module):
 
   @nn.compact
   def __call__(self, image_cls: Array, text_cls: Array) -> tuple[Array, Array, Array]:
-    proj = lambda name, x: layers.Dense(
+    proj = lambda name, x: linear.Dense(
         self.embed_dim, kernel_axes=("embed", "classes"), dtype=self.dtype,
         param_dtype=self.param_dtype, name=name)(x).astype(jnp.float32)
     normalise = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
@@ -61,7 +52,7 @@ class ItcHead(nn.Module):
 
 
 class Mplug2(nn.Module):
-  """The composite mPLUG-2 model. `config` is `config.model` (see configs/common.py)."""
+  """The composite mPLUG-2 model. `config` is `config.model` (models/mplug2/config.py)."""
 
   config: ml_collections.ConfigDict
   deterministic: bool = True
@@ -76,9 +67,9 @@ class Mplug2(nn.Module):
     text = cfg.text
     self.vision = vit.VideoEncoder(cfg.vision, collect=self.collect, **tower)
     if cfg.vision.width != text.hidden_size:
-      self.visn_fc = layers.Dense(text.hidden_size, kernel_axes=("mlp", "embed"), **kw)
-      self.visn_layer_norm = layers.Norm(text.layer_norm_eps, **kw)
-    self.visn_emb_norm = layers.Norm(text.layer_norm_eps, **kw)
+      self.visn_fc = linear.Dense(text.hidden_size, kernel_axes=("mlp", "embed"), **kw)
+      self.visn_layer_norm = norms.Norm(text.layer_norm_eps, **kw)
+    self.visn_emb_norm = norms.Norm(text.layer_norm_eps, **kw)
     self.dropout = nn.Dropout(text.dropout)
     self.text_encoder = bert.TextEncoder(text, deterministic=self.deterministic, **tower)
     self.fusion = bert.FusionEncoder(text, deterministic=self.deterministic, **tower)
@@ -86,10 +77,10 @@ class Mplug2(nn.Module):
                                     **tower)
     # Pretraining / retrieval heads.
     self.itc_head = ItcHead(cfg.embed_dim, cfg.temp, **kw)
-    self.itm_head = layers.Dense(2, kernel_axes=("embed", "classes"), **kw)
+    self.itm_head = linear.Dense(2, kernel_axes=("embed", "classes"), **kw)
     self.mlm_head = bert.LMHead(text, **kw)
     if cfg.num_classes:
-      self.classifier = layers.Dense(cfg.num_classes, kernel_axes=("embed", "classes"), **kw)
+      self.classifier = linear.Dense(cfg.num_classes, kernel_axes=("embed", "classes"), **kw)
 
   # ---- building blocks -------------------------------------------------------------
 
@@ -165,7 +156,11 @@ class Mplug2(nn.Module):
       out["itm_logits"] = self.itm_logits(fused_text)
     if task == "pretrain":
       out["mlm_logits"] = self.mlm_logits(fused_text)
-    if task in ("videoqa", "grounding", "pretrain"):
+      # Prefix-LM: the decoder generates the text from the image (objectives.py).
+      out["logits"], dec_aux = self.decode(batch["text_ids"], batch["text_mask"], image,
+                                           image_mask)
+      aux.update(dec_aux)
+    if task in ("videoqa", "grounding"):
       states, states_mask = answer_encoder_states(
           fused_image, image_mask, fused_text, batch["text_mask"],
           batch.get("answer_question_index"))
@@ -196,23 +191,3 @@ def build(config: ml_collections.ConfigDict, *, deterministic: bool = True,
   """The model for `config.model` (frozen, so it can be a static jit argument)."""
   return Mplug2(ml_collections.FrozenConfigDict(config), deterministic=deterministic,
                 collect=collect, use_cache=use_cache)
-
-
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 2,
-                text_length: int = 8, answers_per_question: int = 1) -> dict[str, jax.Array]:
-  """Zero inputs of the right shapes for `config.model.task` (for init / eval_shape)."""
-  size = config.image_size
-  batch = {"video": jnp.zeros((batch_size, config.num_frames, size, size, 3),
-                              jnp.float32)}
-  ids = jnp.full((batch_size, text_length), 101, jnp.int32)
-  mask = jnp.ones((batch_size, text_length), jnp.int32)
-  if config.task == "caption":
-    batch.update(caption_ids=ids, caption_mask=mask)
-  elif config.task != "classification":
-    batch.update(text_ids=ids, text_mask=mask)
-  if config.task in ("videoqa", "grounding", "pretrain"):
-    num_answers = batch_size * answers_per_question
-    batch.update(answer_ids=jnp.full((num_answers, text_length), 101, jnp.int32),
-                 answer_mask=jnp.ones((num_answers, text_length), jnp.int32),
-                 answer_question_index=jnp.repeat(jnp.arange(batch_size), answers_per_question))
-  return batch

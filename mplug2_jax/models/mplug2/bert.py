@@ -2,7 +2,7 @@
 
 Spec: `shared/spec/mplug2.md` sections 3-5. All three towers use the same post-norm
 `BertLayer` (self-attention -> optional cross-attention -> FFN, each followed by
-`LN(dropout(sublayer) + residual)`), built from the shared blocks in `layers.py`.
+`LN(dropout(sublayer) + residual)`), built from the shared blocks in `mplug2_jax/layers/`.
 
 Text encoder (L layers, the last U "universal"):
   text mode   embeddings -> all L layers as plain self-attention + FFN layers.
@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from mplug2_jax.models import layers
+from mplug2_jax.layers import activations, attention_op, attentions, axes, linear, mlp, norms, stack
 
 Array = Any
 
@@ -42,12 +42,12 @@ class Embeddings(nn.Module):
     embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=self.dtype,
                               param_dtype=self.param_dtype)
     init = nn.initializers.normal(0.02)
-    self.word = embed(cfg.vocab_size, embedding_init=layers.param_init(init, ("vocab", "embed")))
+    self.word = embed(cfg.vocab_size, embedding_init=axes.param_init(init, ("vocab", "embed")))
     self.position = embed(cfg.max_position_embeddings,
-                          embedding_init=layers.param_init(init, ("position", "embed")))
+                          embedding_init=axes.param_init(init, ("position", "embed")))
     self.token_type = embed(cfg.type_vocab_size,
-                            embedding_init=layers.param_init(init, ("position", "embed")))
-    self.norm = layers.Norm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+                            embedding_init=axes.param_init(init, ("position", "embed")))
+    self.norm = norms.Norm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     self.dropout = nn.Dropout(cfg.dropout)
 
   def __call__(self, ids: Array, positions: Array | None = None) -> Array:
@@ -55,7 +55,7 @@ class Embeddings(nn.Module):
       positions = jnp.arange(ids.shape[1])[None]
     x = self.word(ids) + self.position(positions) + self.token_type(jnp.zeros_like(ids))
     x = self.dropout(self.norm(x), deterministic=self.deterministic)
-    return layers.constrain(x)
+    return axes.constrain(x)
 
   def attend(self, h: Array) -> Array:
     """Logits against the (tied) word embeddings."""
@@ -78,7 +78,7 @@ class BertLayer(nn.Module):
 
   def sublayer(self, name: str, x: Array, update: Array) -> Array:
     update = nn.Dropout(self.cfg.dropout)(update, deterministic=self.deterministic)
-    return layers.Norm(self.cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+    return norms.Norm(self.cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                        name=name)(update + x)
 
   @nn.compact
@@ -87,7 +87,7 @@ class BertLayer(nn.Module):
     cfg = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = cfg.hidden_size
-    attn = functools.partial(layers.MultiHeadAttention, cfg.num_heads, width // cfg.num_heads,
+    attn = functools.partial(attentions.MultiHeadAttention, cfg.num_heads, width // cfg.num_heads,
                              width, implementation=self.attention,
                              dropout_rate=cfg.attention_dropout, **kw)
     self_cache, cross_cache = ("self", "cross") if self.decode else ("none", "none")
@@ -96,13 +96,13 @@ class BertLayer(nn.Module):
     if encoder_states is not None:
       x = self.sublayer("cross_attn_norm", x, attn(name="cross_attn", cache=cross_cache)(
           x, encoder_states, mask=encoder_mask, deterministic=self.deterministic))
-    x = self.sublayer("mlp_norm", x, layers.Mlp(cfg.intermediate_size, width, act=cfg.hidden_act,
+    x = self.sublayer("mlp_norm", x, mlp.Mlp(cfg.intermediate_size, width, act=cfg.hidden_act,
                                                 name="mlp", **kw)(x))
-    return layers.constrain(x), None
+    return axes.constrain(x), None
 
 
 def _stacked_bert(cfg, length: int, remat_policy: str, name: str | None = None, **kw):
-  return layers.stack(BertLayer, length, remat_policy, broadcast_args=3)(cfg, name=name, **kw)
+  return stack.stack(BertLayer, length, remat_policy, broadcast_args=3)(cfg, name=name, **kw)
 
 
 class TextEncoder(nn.Module):
@@ -125,14 +125,14 @@ class TextEncoder(nn.Module):
       self.text_layers = _stacked_bert(cfg, num_text_only, self.remat_policy, **kw)
     self.universal = [BertLayer(cfg, **kw) for _ in range(cfg.universal_layers)]
     self.latent_queries = self.param(
-        "latent_queries", layers.param_init(nn.initializers.normal(1.0), ("latents", "embed")),
+        "latent_queries", axes.param_init(nn.initializers.normal(1.0), ("latents", "embed")),
         (cfg.num_latents, cfg.hidden_size), self.param_dtype)
 
   def __call__(self, ids: Array, mask: Array) -> tuple[Array, dict]:
     """Text mode: every layer, self-attention + FFN (universal cross-attention unused)."""
     x = self.embeddings(ids)
     aux = {"embedding_output": x}
-    self_mask = layers.padding_mask(mask)
+    self_mask = attention_op.padding_mask(mask)
     if self.cfg.encoder_layers > self.cfg.universal_layers:
       x, _ = self.text_layers(x, self_mask, None, None)
     for layer in self.universal:
@@ -195,9 +195,9 @@ class FusionEncoder(nn.Module):
     running = min(self.cfg.fusion_layers, self.cfg.fusion_layers_built)
     kinds = [j > 0 and j % self.cfg.fusion_stride == 0 for j in range(running)]
     carry = (image, text)
-    image_mask, text_mask = layers.padding_mask(image_mask), layers.padding_mask(text_mask)
-    for joint, start, length in layers.runs(kinds):
-      run = layers.stack(FusionLayer, length, self.remat_policy, broadcast_args=2)(
+    image_mask, text_mask = attention_op.padding_mask(image_mask), attention_op.padding_mask(text_mask)
+    for joint, start, length in stack.runs(kinds):
+      run = stack.stack(FusionLayer, length, self.remat_policy, broadcast_args=2)(
           self.cfg, joint, self.attention, self.deterministic, self.dtype, self.param_dtype,
           name=f"layers_{start}")
       carry, _ = run(carry, image_mask, text_mask)
@@ -214,15 +214,15 @@ class LMHead(nn.Module):
   @nn.compact
   def __call__(self, h: Array, embeddings: Embeddings) -> Array:
     cfg = self.cfg
-    h = layers.Dense(cfg.hidden_size, kernel_axes=("embed", "mlp"), dtype=self.dtype,
+    h = linear.Dense(cfg.hidden_size, kernel_axes=("embed", "mlp"), dtype=self.dtype,
                      param_dtype=self.param_dtype, name="transform")(h)
-    h = layers.activation(cfg.hidden_act)(h)
-    h = layers.Norm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+    h = activations.activation(cfg.hidden_act)(h)
+    h = norms.Norm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                     name="norm")(h)
-    bias = self.param("bias", layers.param_init(nn.initializers.zeros_init(), ("vocab",)),
+    bias = self.param("bias", axes.param_init(nn.initializers.zeros_init(), ("vocab",)),
                       (cfg.vocab_size,), self.param_dtype)
     logits = embeddings.attend(h).astype(jnp.float32) + bias.astype(jnp.float32)
-    return layers.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return axes.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 class TextDecoder(nn.Module):
@@ -252,6 +252,6 @@ class TextDecoder(nn.Module):
                encoder_mask: Array, positions: Array | None = None) -> tuple[Array, dict]:
     """Teacher-forced logits (B, L, V) at every position (position t scores token t+1)."""
     x = self.embeddings(ids, positions)
-    x, _ = self.layers(x, layers.causal_padding_mask(mask), encoder_states,
-                       layers.padding_mask(encoder_mask))
+    x, _ = self.layers(x, attention_op.causal_padding_mask(mask), encoder_states,
+                       attention_op.padding_mask(encoder_mask))
     return self.head(x, self.embeddings), {"decoder_hidden": x}

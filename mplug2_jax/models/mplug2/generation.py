@@ -18,11 +18,11 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mplug2_jax.train import losses
-
-CLS, SEP, PAD = 101, 102, 0
+from mplug2_jax.models.mplug2 import model as model_lib
+from mplug2_jax.models.mplug2 import objectives
+from mplug2_jax.tokens import BERT_CLS_ID as CLS, BERT_PAD_ID as PAD, BERT_SEP_ID as SEP
+from mplug2_jax.tokens import IGNORE_INDEX
 LENGTH_PENALTY_ALPHA = 0.6
 MIN_LENGTH_PENALTY = -1e20
 
@@ -68,15 +68,13 @@ def beam_search_cached(model, params, encoder_states: jax.Array, encoder_mask: j
   """The same search with key/value caches: one decoder position per step, and the
   encoder keys/values projected once per sample (not per beam step). `model` is built with
   `use_cache=True`."""
-  from mplug2_jax.models import mplug2
-
   k, total = beam_size, max_length + 1
   rows = encoder_states.shape[0] * k
   states = jnp.repeat(encoder_states, k, axis=0)
   states_mask = jnp.repeat(encoder_mask, k, axis=0)
   ones = jnp.ones((rows, total), jnp.int32)
   _, variables = model.apply({"params": params}, ones, ones, states, states_mask,
-                             method=mplug2.Mplug2.decode, mutable=["cache"])
+                             method=model_lib.Mplug2.decode, mutable=["cache"])
   one = jnp.ones((rows, 1), jnp.int32)
 
   def step_fn(cache, seqs, step):
@@ -84,7 +82,7 @@ def beam_search_cached(model, params, encoder_states: jax.Array, encoder_mask: j
     positions = jnp.full((rows, 1), step, jnp.int32)
     (logits, _), variables = model.apply(
         {"params": params, "cache": cache}, token, one, states, states_mask, positions,
-        method=mplug2.Mplug2.decode, mutable=["cache"])
+        method=model_lib.Mplug2.decode, mutable=["cache"])
     return logits[:, 0], variables["cache"]
 
   def reorder(cache, origin_rows):
@@ -158,49 +156,11 @@ def rank_answers(decode_fn: DecodeFn, encoder_states: jax.Array, encoder_mask: j
   top_probs, top_ids = jax.lax.top_k(first_probs, k)                  # (B, k)
   cand_ids = answer_ids[top_ids].reshape(batch * k, -1)
   cand_mask = answer_mask[top_ids].reshape(batch * k, -1)
-  labels = jnp.where(cand_ids == PAD, losses.IGNORE, cand_ids)
+  labels = jnp.where(cand_ids == PAD, IGNORE_INDEX, cand_ids)
   cand_logits = decode_fn(cand_ids, cand_mask, jnp.repeat(encoder_states, k, axis=0),
                           jnp.repeat(encoder_mask, k, axis=0))
-  seq_loss = losses.answer_sequence_losses(cand_logits, labels).reshape(batch, k)
+  seq_loss = objectives.answer_sequence_losses(cand_logits, labels).reshape(batch, k)
   scores = -seq_loss + (jnp.log(top_probs) if count_first_token_twice else 0.0)
   probs = jax.nn.softmax(scores, axis=-1)
   probs, order = jax.lax.top_k(probs, k)
   return jnp.take_along_axis(top_ids, order, axis=1), probs
-
-
-def golden_outputs(case: dict, model_cfg, params, batch, inputs) -> dict[str, np.ndarray]:
-  """Generation / ranking arrays named as in the golden outputs.npz (parity CLI)."""
-  from mplug2_jax.models import mplug2
-
-  model = mplug2.build(model_cfg)
-  apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
-
-  def decode_fn(ids, mask, states, states_mask):
-    return apply(mplug2.Mplug2.decode, ids, mask, states, states_mask)[0]
-
-  image, _ = apply(mplug2.Mplug2.embed_image, batch["video"])
-  image_mask = jnp.ones(image.shape[:2], jnp.int32)
-  if case["task"] == "caption":
-    states, states_mask = image, image_mask
-  else:
-    question, _ = apply(mplug2.Mplug2.embed_text, batch["text_ids"], batch["text_mask"])
-    fused_image, fused_text = apply(mplug2.Mplug2.fuse, image, image_mask, question,
-                                    batch["text_mask"])
-    states, states_mask = mplug2.answer_encoder_states(fused_image, image_mask, fused_text,
-                                                       batch["text_mask"], None)
-  gen = case["generation"]
-  out = {}
-  for name, beams in (("beam", gen["beam_size"]), ("greedy", 1)):
-    search = jax.jit(lambda s, m, beams=beams: beam_search(
-        decode_fn, s, m, beam_size=beams, min_length=gen["min_length"],
-        max_length=gen["max_length"]))
-    result = search(states, states_mask)
-    out[f"generate_{name}_ids"] = np.asarray(result.ids)
-    out[f"generate_{name}_lengths"] = np.asarray(result.lengths)
-    out[f"generate_{name}_scores"] = np.asarray(result.scores)
-  if case["task"] != "caption":
-    ids, probs = jax.jit(rank_answers, static_argnums=(0, 5, 6))(
-        decode_fn, states, states_mask, jnp.asarray(inputs["answer_list_input_ids"], jnp.int32),
-        jnp.asarray(inputs["answer_list_attention_mask"], jnp.int32), int(inputs["rank_k"]), True)
-    out["rank_topk_ids"], out["rank_topk_probs"] = np.asarray(ids), np.asarray(probs)
-  return out

@@ -1,4 +1,5 @@
-"""Per-task training objectives on the mPLUG-2 model.
+"""mPLUG-2 training objectives: the loss of each task, and the momentum model and ITC
+queues the retrieval and pre-training objectives keep between steps.
 
 Spec: `shared/spec/mplug2.md` sections 6 (task losses) and 13 (pre-training: ITC with a
 momentum model and feature queues, ITM with hard negatives, MLM, prefix-LM).
@@ -16,8 +17,12 @@ axis, so the ITC similarity matrix below is computed over the *global* batch as 
 XLA inserts the collectives (the all-gather of the official `concat_all_gather`) itself.
 Likewise the queues are updated with the global batch of momentum features.
 
-`compute(...)` returns (loss, (metrics, momentum_features)); momentum features are the
-keys/ids the step enqueues after the optimizer update.
+The generic train step (`train/step.py`) calls, per optimizer step:
+  extra = before_update(extra, params, c)        EMA of the momentum model
+  loss, (metrics, enqueued) = loss(model, params, extra, batch, rng, c)
+  extra = after_update(extra, enqueued)          queues <- momentum features
+where `extra` is `init_extra(...)` ({} for tasks without ITC): the state this family's
+objectives keep beside the parameters.
 """
 
 from __future__ import annotations
@@ -28,19 +33,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mplug2_jax.models import mplug2
-from mplug2_jax.train import losses
+from mplug2_jax.layers import losses
+from mplug2_jax.tokens import BERT_CLS_ID as CLS_ID, BERT_MASK_ID as MASK_ID
+from mplug2_jax.tokens import BERT_PAD_ID as PAD_ID, IGNORE_INDEX
 
 Array = Any
 
-CLS_ID, SEP_ID, MASK_ID, PAD_ID = 101, 102, 103, 0
 # Modules of the momentum (EMA) model: the ITC feature path (official `model_pairs`).
 MOMENTUM_MODULES = ("vision", "visn_fc", "visn_layer_norm", "visn_emb_norm", "text_encoder",
                     "itc_head")
 ITC_TASKS = ("retrieval", "pretrain")
 
 
-def default_objective_config() -> ml_collections.ConfigDict:
+def default_config() -> ml_collections.ConfigDict:
   """`config.objective`: every key this module reads."""
   c = ml_collections.ConfigDict()
   c.loss_weights = ml_collections.ConfigDict(dict(itc=1.0, itm=1.0, mlm=1.0, lm=1.0))
@@ -54,6 +59,27 @@ def default_objective_config() -> ml_collections.ConfigDict:
   c.mlm_random_ratio = 0.1    # -> a random token; the rest are kept
   c.label_smoothing = 0.0     # classification only
   return c
+
+
+# --------------------------------------------------------------------------------------
+# Task losses with the official reductions (spec section 6).
+# --------------------------------------------------------------------------------------
+
+
+def caption_loss(logits: Array, labels: Array) -> Array:
+  """Mean token cross-entropy over every non-ignored target of the batch
+  (`BertPrefixModel`: `CrossEntropyLoss()` default mean, whatever the caller asks)."""
+  return losses.shifted_mean_loss(logits, labels)
+
+
+def answer_sequence_losses(logits: Array, labels: Array) -> Array:
+  """Per answer row, the summed token cross-entropy (`BertLMHeadModel`, reduction none)."""
+  return losses.shifted_sequence_losses(logits, labels)
+
+
+def answer_loss(logits: Array, labels: Array, weights: Array, num_questions: int) -> Array:
+  """VideoQA: sum_j weights_j * s_j / B (B = number of questions)."""
+  return jnp.sum(weights * answer_sequence_losses(logits, labels)) / num_questions
 
 
 # --------------------------------------------------------------------------------------
@@ -122,16 +148,8 @@ def mask_tokens(rng, ids, mask, vocab_size, probability=0.15, mask_ratio=0.8,
   to_random = selected & (u >= mask_ratio) & (u < mask_ratio + random_ratio)
   random_ids = jax.random.randint(k_tok, ids.shape, 0, vocab_size, ids.dtype)
   out = jnp.where(to_mask, MASK_ID, jnp.where(to_random, random_ids, ids))
-  labels = jnp.where(selected, ids, losses.IGNORE)
+  labels = jnp.where(selected, ids, IGNORE_INDEX)
   return out, labels
-
-
-def token_ce(logits, labels):
-  """Mean CE over positions with label != -100 (no shift: MLM)."""
-  valid = labels != losses.IGNORE
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-  return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
 def classification_loss(logits, labels, smoothing=0.0):
@@ -147,7 +165,7 @@ def itm_loss(logits, labels, weights):
 
 
 def lm_labels(ids, mask):
-  return jnp.where(mask > 0, ids, losses.IGNORE)
+  return jnp.where(mask > 0, ids, IGNORE_INDEX)
 
 
 # --------------------------------------------------------------------------------------
@@ -155,14 +173,14 @@ def lm_labels(ids, mask):
 # --------------------------------------------------------------------------------------
 
 
-def _momentum_features(module: mplug2.Mplug2, video, text_ids, text_mask):
+def _momentum_features(module, video, text_ids, text_mask):
   image, _ = module.embed_image(video)
   text, _ = module.embed_text(text_ids, text_mask)
   image_feat, text_feat, _ = module.itc_features(image, text)
   return image_feat, text_feat
 
 
-def _itc_itm_mlm(module: mplug2.Mplug2, batch, feats_m, queues, rngs, c, task):
+def _itc_itm_mlm(module, batch, feats_m, queues, rngs, c, task):
   """Retrieval / image-text pre-training forward: returns {loss name: value}, aux."""
   out, aux = {}, {}
   video, ids, mask = batch["video"], batch["text_ids"], batch["text_mask"]
@@ -205,35 +223,35 @@ def _itc_itm_mlm(module: mplug2.Mplug2, batch, feats_m, queues, rngs, c, task):
                                  c.mlm_mask_ratio, c.mlm_random_ratio)
     masked_text, _ = module.embed_text(masked, mask)
     _, fused_masked = module.fuse(image, image_mask, masked_text, mask)
-    out["mlm"] = token_ce(module.mlm_logits(fused_masked), labels)
+    out["mlm"] = losses.token_mean_loss(module.mlm_logits(fused_masked), labels)
     # Prefix-LM / captioning: the decoder generates the text conditioned on the image
     # (a prompt, if any, is masked out by the data's `caption_labels`).
     labels = batch.get("caption_labels", lm_labels(ids, mask))
     logits, _ = module.decode(ids, mask, image, image_mask)
-    out["lm"] = losses.caption_loss(logits, labels)
+    out["lm"] = caption_loss(logits, labels)
   return out, aux
 
 
-def _text_only(module: mplug2.Mplug2, batch, rngs, c):
+def _text_only(module, batch, rngs, c):
   ids, mask = batch["text_ids"], batch["text_mask"]
   masked, labels = mask_tokens(rngs["mlm"], ids, mask, module.config.text.vocab_size,
                                c.mlm_probability, c.mlm_mask_ratio, c.mlm_random_ratio)
   text, _ = module.embed_text(masked, mask)
-  return {"mlm": token_ce(module.mlm_logits(text), labels)}, {}
+  return {"mlm": losses.token_mean_loss(module.mlm_logits(text), labels)}, {}
 
 
-def _forward(module: mplug2.Mplug2, batch, feats_m, queues, rngs, c):
+def _forward(module, batch, feats_m, queues, rngs, c):
   """All losses of `module.config.task` for one (micro-)batch: ({name: loss}, aux)."""
   task = module.config.task
   if task == "caption":
     out, _ = module(batch)
-    return {"caption": losses.caption_loss(out["logits"], batch["caption_labels"])}, {}
+    return {"caption": caption_loss(out["logits"], batch["caption_labels"])}, {}
   if task in ("videoqa", "grounding"):
     out, _ = module(batch)
     weights = batch.get("answer_weights")
     if weights is None:
       weights = jnp.ones(batch["answer_ids"].shape[0], jnp.float32)
-    return {"answer": losses.answer_loss(out["logits"], batch["answer_labels"], weights,
+    return {"answer": answer_loss(out["logits"], batch["answer_labels"], weights,
                                          batch["video"].shape[0])}, {}
   if task == "classification":
     logits = module.classify(batch["video"])
@@ -245,9 +263,6 @@ def _forward(module: mplug2.Mplug2, batch, feats_m, queues, rngs, c):
   raise ValueError(f"no objective for task {task!r}")
 
 
-WEIGHT_OF = {"itc": "itc", "itm": "itm", "mlm": "mlm", "lm": "lm"}
-
-
 def uses_momentum(task: str) -> bool:
   return task in ITC_TASKS
 
@@ -256,22 +271,22 @@ def momentum_subset(params: dict) -> dict:
   return {k: v for k, v in params.items() if k in MOMENTUM_MODULES}
 
 
-def compute(model: mplug2.Mplug2, params, ema_params, queues, batch, rng,
-            c: ml_collections.ConfigDict):
-  """(total loss, (metrics, momentum features)) for one (micro-)batch.
+def loss(model, params, extra: dict, batch: dict, rng, c: ml_collections.ConfigDict):
+  """(total loss, (metrics, enqueued)) for one (micro-)batch.
 
-  `model` is built with deterministic=False (dropout on). `ema_params` are the momentum
-  parameters already updated for this step (official: EMA update, then the momentum
-  forward, both without gradients).
+  `model` is built with deterministic=False (dropout on). `extra["ema"]` holds the
+  momentum parameters already updated for this step (official: EMA update, then the
+  momentum forward, both without gradients). `enqueued` is what `after_update` writes into
+  the queues ({"image", "text", "ids"}, rows = this batch), or None.
   """
   k_drop, k_drop_m, k_itm, k_mlm = jax.random.split(rng, 4)
   task = model.config.task
   feats_m = None
   if uses_momentum(task) and "video" in batch:
     feats_m = jax.lax.stop_gradient(model.apply(
-        {"params": ema_params}, batch["video"], batch["text_ids"], batch["text_mask"],
+        {"params": extra["ema"]}, batch["video"], batch["text_ids"], batch["text_mask"],
         method=_momentum_features, rngs={"dropout": k_drop_m}))
-  parts, aux = model.apply({"params": params}, batch, feats_m, queues,
+  parts, aux = model.apply({"params": params}, batch, feats_m, extra.get("queues", {}),
                            {"itm": k_itm, "mlm": k_mlm}, c, method=_forward,
                            rngs={"dropout": k_drop})
   weights = c.loss_weights
@@ -280,7 +295,51 @@ def compute(model: mplug2.Mplug2, params, ema_params, queues, batch, rng,
   metrics["loss"] = total
   if "temp" in aux:
     metrics["temp"] = aux["temp"]
-  return total, (metrics, feats_m)
+  enqueued = None
+  if feats_m is not None:
+    enqueued = {"image": feats_m[0], "text": feats_m[1], "ids": batch["image_ids"]}
+  return total, (metrics, enqueued)
+
+
+# --------------------------------------------------------------------------------------
+# State kept between steps: the momentum model and the ITC queues.
+# --------------------------------------------------------------------------------------
+
+
+def init_extra(rng, params: dict, model_cfg: ml_collections.ConfigDict,
+               c: ml_collections.ConfigDict) -> dict:
+  """{"ema": momentum copy of the ITC feature path, "queues": ...} for ITC tasks, else {}."""
+  if not uses_momentum(model_cfg.task):
+    return {}
+  extra = {"ema": jax.tree.map(jnp.copy, momentum_subset(params))}
+  queues = init_queues(rng, int(c.queue_size), int(model_cfg.embed_dim))
+  if queues:
+    extra["queues"] = queues
+  return extra
+
+
+def reset_momentum(extra: dict, params: dict) -> dict:
+  """The momentum model restarted as a copy of `params` (after loading initial weights)."""
+  if "ema" not in extra:
+    return extra
+  return dict(extra, ema=jax.tree.map(jnp.copy, momentum_subset(params)))
+
+
+def before_update(extra: dict, params: dict, c: ml_collections.ConfigDict) -> dict:
+  """ema <- m ema + (1 - m) params (official: before the momentum forward)."""
+  if "ema" not in extra:
+    return extra
+  m = float(c.momentum)
+  ema = jax.tree.map(lambda e, p: m * e + (1 - m) * p, extra["ema"], momentum_subset(params))
+  return dict(extra, ema=ema)
+
+
+def after_update(extra: dict, enqueued: dict | None) -> dict:
+  """Queues <- the global batch of momentum features (after the optimizer update)."""
+  if enqueued is None or "queues" not in extra:
+    return extra
+  return dict(extra, queues=enqueue(extra["queues"], enqueued["image"], enqueued["text"],
+                                    enqueued["ids"]))
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""The exported-parameters directory: `params/` (an orbax checkpoint of the parameter
+tree) and `model_config.json` (the `config.model` that built it).
+
+Written by a finished training run (its workdir), by `python -m mplug2_jax.convert
+import-official | init-pretrained`; read by `init_checkpoint=`, the evaluate CLI and the
+exporters. Paths may be local or `gs://` (etils.epath).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+PARAMS_DIR = "params"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def resolve(directory) -> epath.Path:
+  """An absolute path (orbax requires one); URLs such as gs:// stay as they are."""
+  path = epath.Path(directory)
+  return path if "://" in str(directory) else epath.Path(path.resolve())
+
+
+def nest(flat: dict[str, Any]) -> dict:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': {'c': x}}} -> {'a/b/c': x}."""
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten(value, path + "/"))
+    else:
+      out[path] = value
+  return out
+
+
+def save_params(directory, params: dict, model_config: ml_collections.ConfigDict) -> epath.Path:
+  """Parameters as an orbax checkpoint plus the model config that built them. Every
+  process takes part (sharded arrays); process 0 writes the config."""
+  import orbax.checkpoint as ocp
+
+  directory = resolve(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory / PARAMS_DIR, params, force=True)
+  if jax.process_index() == 0:
+    (directory / MODEL_CONFIG_FILE).write_text(model_config.to_json(indent=2))
+  return directory
+
+
+def load_model_config(directory) -> ml_collections.ConfigDict:
+  path = epath.Path(directory) / MODEL_CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing: not a parameters directory written by "
+                            "mplug2_jax (a finished run's workdir or `convert` output)")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_params(directory) -> dict:
+  """The parameter tree as host numpy arrays."""
+  import orbax.checkpoint as ocp
+
+  directory = resolve(directory)
+  if not (directory / PARAMS_DIR).exists():
+    raise FileNotFoundError(f"{directory / PARAMS_DIR} is missing: not a parameters directory "
+                            "written by mplug2_jax")
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(directory / PARAMS_DIR).item_metadata
+    # numpy targets restore onto the host, not onto an accelerator.
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
+    return checkpointer.restore(directory / PARAMS_DIR, target)
