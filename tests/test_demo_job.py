@@ -9,7 +9,7 @@ import pytest
 
 from mplug2_jax import demo_job
 from mplug2_jax.data import demo
-from mplug2_jax.train import loop
+from mplug2_jax.train import metrics as metrics_lib
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_the_chain_runs_end_to_end_and_resumes(small_demo, capsys):
   # Fine-tuning evaluates in the loop (every total // 2 steps) and keeps the best.
   for stage, metric in (("caption", "eval/CIDEr"), ("videoqa", "eval/accuracy"),
                         ("classification", "eval/top1")):
-    evals = [r for r in loop.read_metrics(str(work / stage)) if metric in r]
+    evals = [r for r in metrics_lib.read_metrics(str(work / stage)) if metric in r]
     assert [r["step"] for r in evals] == [1, 2], stage
   assert f"step 2/2 | eval" in out
 

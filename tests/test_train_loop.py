@@ -6,7 +6,6 @@ a persistent compilation cache, so only the first run pays the compile. The mode
 demo config shrunk further by flags, on synthetic batches.
 """
 
-import json
 import os
 import signal
 import socket
@@ -19,9 +18,10 @@ import pytest
 
 import jax
 
-from mplug2_jax import config_lib, sharding
-from mplug2_jax.models import mplug2
-from mplug2_jax.train import distributed, flops, loop
+from mplug2_jax import distributed, experiment, param_store, sharding
+from mplug2_jax.data import synthetic
+from mplug2_jax.models.mplug2 import flops
+from mplug2_jax.train import metrics as metrics_lib
 from mplug2_jax.train import state as state_lib, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ SMALL = [
     "--config.model.text.fusion_layers=1", "--config.model.text.fusion_layers_built=1",
     "--config.model.text.decoder_layers=1", "--config.model.num_frames=1",
     "--config.model.text.vocab_size=512", "--config.batch_size=4",
-    "--config.objective.queue_size=8", "--config.text_length=8",
+    "--config.objective.queue_size=8", "--config.data.max_text_len=8",
     "--config.log_every_steps=1", "--config.checkpoint.every_steps=2",
 ]
 LOSSES = ("loss", "loss/itc", "loss/itm", "loss/mlm", "loss/lm", "grad_norm", "lr")
@@ -64,7 +64,7 @@ def run(cache, workdir, *extra, devices=1, timeout=900):
 
 
 def losses(workdir):
-  return {r["step"]: {k: r[k] for k in LOSSES if k in r} for r in loop.read_metrics(workdir)}
+  return {r["step"]: {k: r[k] for k in LOSSES if k in r} for r in metrics_lib.read_metrics(workdir)}
 
 
 def assert_same_losses(a, b, rtol=0.0):
@@ -92,7 +92,7 @@ def straight(cache, tmp_path_factory):
 
 def test_main_writes_metrics_plot_events_and_checkpoints(straight):
   workdir, proc = straight
-  rows = loop.read_metrics(workdir)
+  rows = metrics_lib.read_metrics(workdir)
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
   for r in rows:
     assert {"loss/itc", "loss/itm", "loss/mlm", "loss/lm", "lr", "grad_norm",
@@ -112,14 +112,13 @@ def test_finished_run_exports_its_final_params(straight):
   """params/ + model_config.json in the workdir: what `--checkpoint` and init_checkpoint
   read; equal to the last checkpoint's parameters."""
   import orbax.checkpoint as ocp
-  from mplug2_jax.convert import checkpoints
 
   workdir = straight[0]
-  exported = checkpoints.load_params(workdir)
-  assert checkpoints.load_model_config(workdir).task == "pretrain"
+  exported = param_store.load_params(workdir)
+  assert param_store.load_model_config(workdir).task == "pretrain"
   with ocp.StandardCheckpointer() as c:
     saved = c.restore(os.path.join(workdir, "checkpoints", str(STEPS), "state"))["params"]
-  flat_a, flat_b = checkpoints.flatten(exported), checkpoints.flatten(saved)
+  flat_a, flat_b = param_store.flatten(exported), param_store.flatten(saved)
   assert flat_a.keys() == flat_b.keys()
   for k in flat_a:
     np.testing.assert_array_equal(flat_a[k], np.asarray(flat_b[k]), err_msg=k)
@@ -221,15 +220,15 @@ def test_main_rejects_a_bad_config_before_compute(tmp_path):
 
 
 def test_progress_line_and_writer_truncate_on_resume(tmp_path):
-  w = loop.MetricWriter(str(tmp_path))
+  w = metrics_lib.MetricWriter(str(tmp_path))
   for step in range(1, 6):
     w.write(step, {"loss": 1.0 / step, "loss/itc": 0.5, "lr": 1e-3, "grad_norm": 2.0})
   w.close()
-  w = loop.MetricWriter(str(tmp_path), resume_step=3)
+  w = metrics_lib.MetricWriter(str(tmp_path), resume_step=3)
   w.close()
-  assert [r["step"] for r in loop.read_metrics(str(tmp_path))] == [1, 2, 3]
-  assert loop.plot_losses(str(tmp_path)).endswith("loss_curves.png")
-  line = loop.progress_line(3, 10, {"loss": 1.5, "loss/itc": 0.5, "lr": 1e-3,
+  assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [1, 2, 3]
+  assert metrics_lib.plot_losses(str(tmp_path)).endswith("loss_curves.png")
+  line = metrics_lib.progress_line(3, 10, {"loss": 1.5, "loss/itc": 0.5, "lr": 1e-3,
                                     "grad_norm": 2.0, "perf/samples_per_sec": 12.0,
                                     "perf/tflops_per_sec": 0.01, "perf/mfu": 0.1,
                                     "perf/eta_sec": 75, "nonfinite_total": 1.0})
@@ -258,7 +257,7 @@ def test_distributed_detection():
 def flops_config(task):
   """A small model whose matmuls dominate, every scanned stack of length 1: XLA's cost
   analysis counts a while-loop (scan) body once, whatever its trip count."""
-  c = config_lib.base_config("tiny", task)
+  c = experiment.base_config("tiny", task)
   m = c.model
   m.num_classes = 10 if task == "classification" else 0
   m.vision.width = m.text.hidden_size = 256
@@ -266,7 +265,8 @@ def flops_config(task):
   m.num_frames = 2
   m.vision.layers, m.text.encoder_layers, m.text.fusion_layers = 1, 3, 1
   m.text.decoder_layers = 1
-  c.mesh.shape, c.batch_size, c.text_length, c.total_steps = (1, 1, 1), 4, 8, 10
+  c.mesh.shape, c.batch_size, c.total_steps = (1, 1, 1), 4, 10
+  c.data.update(max_text_len=8, max_question_len=8, max_answer_len=8, max_caption_len=8)
   c.objective.queue_size = 8
   return c
 
@@ -274,10 +274,10 @@ def flops_config(task):
 def xla_and_analytic_flops(task, compile_=False):
   c = flops_config(task)
   mesh = sharding.make_mesh(c, jax.devices()[:1])
-  trainer = state_lib.Trainer(c, mesh, mplug2.dummy_batch(c.model, 2, 8))
-  batch = loop.SyntheticIterator(c, sharding.batch_sharding(mesh, c)).global_batch(0)
+  batch = synthetic.SyntheticIterator(c, sharding.batch_sharding(mesh, c)).global_batch(0)
   abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  lowered = step_lib.JittedStep(trainer).lower(trainer.abstract_sharded_state(), abstract)
+  setup = state_lib.TrainSetup(c, mesh, abstract)
+  lowered = step_lib.JittedStep(setup).lower(setup.abstract_sharded_state(), abstract)
   cost = lowered.compile().cost_analysis() if compile_ else lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return cost["flops"], flops.train_step_flops(c, {k: v.shape for k, v in batch.items()})
