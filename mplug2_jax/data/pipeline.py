@@ -87,7 +87,7 @@ class Preprocessor:
       clip = np.repeat(clip, self.num_frames, axis=0)
     if self.train:
       clip = media.train_transform(clip, self.image_size, rng, self.c.randaug,
-                                   tuple(self.c.crop_scale), self.c.get("hflip", True))
+                                   tuple(self.c.crop_scale), self.c.hflip)
     else:
       clip = media.eval_transform(clip, self.image_size)
     return media.normalize(clip)

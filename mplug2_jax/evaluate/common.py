@@ -161,14 +161,14 @@ def make_tokenizer(eval_cfg: ml_collections.ConfigDict):
 def batches(iterator, eval_cfg, log, what: str):
   """Yields (batch, meta, valid mask) with a progress line every `log_every` batches."""
   start, seen, n = time.time(), 0, 0
-  limit = int(eval_cfg.get("max_batches", 0) or 0)
+  limit = int(eval_cfg.max_batches)
   for batch in iterator:
     meta = list(getattr(iterator, "last_meta", None) or [{} for _ in batch["valid"]])
     valid = host_rows(batch["valid"]).astype(bool)
     n += 1
     seen += int(valid.sum())
     yield batch, meta, valid
-    every = int(eval_cfg.get("log_every", 10) or 0)
+    every = int(eval_cfg.log_every)
     if every and n % every == 0:
       rate = seen / max(time.time() - start, 1e-9)
       log(f"[{what}] {n} batches, {seen} examples, {rate:.1f} examples/s")

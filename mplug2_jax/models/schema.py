@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mplug2_jax.tokens import IGNORE_INDEX
+
 # What the values of a field are: synthetic data needs to know what makes them plausible.
 KINDS = (
     "pixels",    # normalised images / video frames, float
@@ -67,7 +69,8 @@ def synthetic(schema: dict[str, Field], rng: np.random.Generator, *, vocab_size:
       out[name] = np.where(mask, ids, 0).astype(f.dtype)
       out[prefix + "mask"] = mask.astype(schema[prefix + "mask"].dtype)
       if prefix + "labels" in schema:
-        out[prefix + "labels"] = np.where(mask, ids, -100).astype(schema[prefix + "labels"].dtype)
+        out[prefix + "labels"] = np.where(mask, ids, IGNORE_INDEX).astype(
+            schema[prefix + "labels"].dtype)
     elif f.kind in ("mask", "labels"):
       continue  # made with their ids
     elif f.kind == "row_index":

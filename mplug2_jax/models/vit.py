@@ -101,7 +101,7 @@ class PatchEmbed(nn.Module):
 
   Patches do not overlap in space, so with one frame per kernel the convolution is one
   matmul over flattened p x p x 3 patches; that is what runs then, because XLA:CPU computes
-  this convolution's kernel gradient inside an accumulation loop ~70x slower than the
+  this convolution's kernel gradient inside an accumulation loop far slower than the
   equivalent matmul (docs/performance.md). The parameter is the convolution's either way.
   """
 
