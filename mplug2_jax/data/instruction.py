@@ -59,6 +59,9 @@ VICUNA_V1 = Template(
     system="A chat between a curious user and an artificial intelligence assistant. "
            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
     roles=("USER", "ASSISTANT"), sep=" ", sep2="</s>")
+# Inference (CLI, README, benchmarks): `mplug_owl2` (CO:277-287), no system prompt
+# (`SeparatorStyle.TWO_NO_SYS`): "USER: <|image|>q ASSISTANT: a</s>USER: q2 ASSISTANT:".
+MPLUG_OWL2 = Template(system="", roles=("USER", "ASSISTANT"), sep=" ", sep2="</s>")
 
 
 # --------------------------------------------------------------------------------------
@@ -125,8 +128,9 @@ def import_conversation(turns: Any, has_image: bool) -> list[dict[str, str]]:
 
 
 def render(turns: Sequence[dict[str, str]], template: Template = VICUNA_V1) -> str:
-  """The prompt text of the official `get_prompt` for `SeparatorStyle.TWO`."""
-  text = template.system + template.sep
+  """The prompt text of the official `get_prompt` for `SeparatorStyle.TWO` (a template
+  without system prompt: `TWO_NO_SYS`, nothing before the first turn)."""
+  text = template.system + template.sep if template.system else ""
   for i, t in enumerate(turns):
     role, sep = template.roles[i % 2], (template.sep, template.sep2)[i % 2]
     # Official: an empty message renders as "ROLE:" with no separator (the importer drops
