@@ -17,14 +17,22 @@ from conftest import REPO
 
 
 def test_benchmark_cli_runs_the_tiny_train_step(tmp_path):
+  """Data-parallel over 2 host devices, batches from the real Grain pipeline (1 worker)."""
+  data = tmp_path / "demo"
+  subprocess.run([sys.executable, "-m", "mplug2_jax.data.demo", f"--out={data}", "--train=4",
+                  "--test=2", "--size=32", "--frames=4"], check=True, capture_output=True,
+                 timeout=300, cwd=REPO)
   result = subprocess.run(
       [sys.executable, "-m", "mplug2_jax.benchmark", f"--config={REPO}/configs/caption.py:tiny",
        "--config.model.vision.layers=1", "--config.model.text.decoder_layers=1",
-       "--frames=1", "--steps=1", "--warmup=0", f"--profile={tmp_path}"],
+       "--frames=1", "--steps=2", "--warmup=0", f"--profile={tmp_path}", "--host_devices=2",
+       f"--data={data}/video_caption", "--loader_workers=1"],
       capture_output=True, text=True,
       timeout=600, cwd=REPO,
       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})  # one real CPU device
   assert result.returncode == 0, result.stderr[-2000:]
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} on 2 cpu device(s)" in result.stdout
+  assert "1 Grain worker(s)" in result.stdout
   for field in ("train step (median)", "samples/s", "XLA cost analysis", "MFU",
                 "before / after the steps", "beam-search captioning", "top operations"):
     assert field in result.stdout, result.stdout

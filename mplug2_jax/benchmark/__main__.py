@@ -43,6 +43,15 @@ _ENCODER = flags.DEFINE_bool("encoder", True, "Also time the video-encoder forwa
 _PROFILE = flags.DEFINE_string("profile", "", "Trace one train step into this directory and "
                                 "print the top XLA operations and time per kind of operation.")
 _GENERATION = flags.DEFINE_bool("generation", True, "Also time beam-search captioning.")
+_HOST_DEVICES = flags.DEFINE_integer(
+    "host_devices", 0, "On CPU: split the host into this many JAX devices and run the batch "
+    "data-parallel over them (mesh (N, 1, 1)); one per physical core uses 2-core machines "
+    "better than one device with a 2-thread pool (docs/performance.md). 0 = one device.")
+_DATA = flags.DEFINE_string("data", "", "A built dataset folder of the task (e.g. the demo "
+                            "set built at 224 px): each timed step then takes its batch from "
+                            "the real Grain pipeline, decoding beside the step.")
+_LOADER_WORKERS = flags.DEFINE_integer("loader_workers", 2,
+                                       "Grain worker processes with --data (0 = in-process).")
 
 
 def main(argv):
@@ -52,6 +61,8 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
+  if _HOST_DEVICES.value:  # before the CPU backend starts
+    jax.config.update("jax_num_cpu_devices", _HOST_DEVICES.value)
   from mplug2_jax import experiment, sharding
   from mplug2_jax.benchmark import common
   from mplug2_jax.layers import attention_op
@@ -70,6 +81,8 @@ def main(argv):
     config.optimizer.accum_steps = _ACCUM.value
   if _BATCH.value:
     config.batch_size = _BATCH.value
+  if _HOST_DEVICES.value:
+    config.mesh.shape = (_HOST_DEVICES.value,) + (1,) * (len(config.mesh.axes) - 1)
   common.set_text_lengths(config, _TEXT.value, _ANSWER.value)
   config.total_steps = max(config.total_steps, 1000)
   experiment.validate(config, jax.device_count())
@@ -101,9 +114,12 @@ def main(argv):
   analytic = family.train_step_flops(config, {k: v.shape for k, v in batch.items()})
 
   holder = {"state": state}
+  next_batch = lambda: batch
+  if _DATA.value:
+    next_batch = _loader(config, mesh, batch)
 
   def one_step():
-    holder["state"], metrics = compiled(holder["state"], batch)
+    holder["state"], metrics = compiled(holder["state"], next_batch())
     return metrics
 
   # The ceiling is measured before and after the timed steps and the higher figure is
@@ -164,6 +180,27 @@ def main(argv):
     print("top operations (seconds, executions, result, source):")
     for name, seconds, n, shape, source in ops[:15]:
       print(f"  {seconds:7.3f} s x{n:<3d} {name:<32} {shape:<28} {source[-90:]}")
+
+
+def _loader(config, mesh, synthetic):
+  """`next()` of the task's real Grain pipeline over `--data`, checked against the shapes
+  the step was compiled for (a mismatch names the field)."""
+  from mplug2_jax import sharding
+  from mplug2_jax.data import pipeline
+
+  config.data.mixture = ((_DATA.value, 1.0),)
+  config.data.num_workers = _LOADER_WORKERS.value
+  it = pipeline.make_iterator(config.data, split=config.data.train_split,
+                              batch_size=config.batch_size, model_cfg=config.model,
+                              sharding=sharding.batch_sharding(mesh, config))
+  first = next(it)
+  for key, value in synthetic.items():
+    if key not in first or (first[key].shape, first[key].dtype) != (value.shape, value.dtype):
+      raise ValueError(f"--data {_DATA.value}: batch field {key!r} has shape "
+                       f"{getattr(first.get(key), 'shape', None)}, the step expects "
+                       f"{value.shape} (build the data at the benchmark's sizes)")
+  print(f"loader: {_DATA.value}, {_LOADER_WORKERS.value} Grain worker(s)", flush=True)
+  return lambda: {k: v for k, v in next(it).items() if k in synthetic}
 
 
 if __name__ == "__main__":
