@@ -12,7 +12,10 @@ In order, each item skipped when the time budget (`--budget_s`) would run out:
      device's memory; step time (median), samples/s, MFU against 989 TFLOP/s (H100 bf16
      dense) and against the measured ceiling, the device's real peak memory beside the
      compiled figure (the plan tool's number for one device);
-  3. cached beam-search captioning (beam 5, 4-20 tokens) videos/s, base, 4 x 224.
+  3. cached beam-search captioning (beam 5, 4-20 tokens) videos/s, base, 4 x 224;
+  4. mPLUG-Owl2: a 7B-shaped stage-2 train step (sequence 2,048 with one 448-px image, the
+     ViT and abstractor in the step, 8 of the 32 LLM layers so that it fits one GPU) and
+     7B decode tokens/s (bf16 weights, batch 8, greedy, fixed-size KV cache).
 Writes `OUT_DIR/accelerator.json` and `OUT_DIR/accelerator.md`.
 
 The path imports no input-pipeline or metric package (grain, tfds, av, pycocoevalcap):
@@ -22,6 +25,7 @@ wheel (launch/accelerator_check.sh).
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import time
@@ -46,6 +50,9 @@ TRAIN_ITEMS = (
     ("caption large 16x224", "configs/caption.py:large", 16, (20, 0)),
 )
 SMOKE_ITEMS = (("caption tiny", "configs/caption.py:tiny", 1, (8, 0)),)
+OWL2_TRAIN = ("Owl2 7B-shaped stage 2 (8 of 32 LLM layers), 2048 tokens", "configs/owl2.py:7b")
+OWL2_SMOKE = ("Owl2 tiny", "configs/owl2.py:tiny")
+OWL2_LLM_LAYERS = 8
 
 
 def _device_memory() -> int:
@@ -84,6 +91,23 @@ def _config(spec: str, frames: int, lengths, batch: int, smoke: bool):
   return config
 
 
+def _owl2_config(spec: str, batch: int, smoke: bool):
+  from mplug2_jax import experiment
+
+  config = experiment.load(f"{REPO / spec.split(':')[0]}:{spec.split(':')[1]},synthetic=1")
+  m = config.model
+  m.dtype = "float32" if smoke else "bfloat16"
+  m.attention = "explicit" if smoke else "cudnn"
+  if not smoke:
+    m.llm.layers = OWL2_LLM_LAYERS
+  config.batch_size = batch
+  config.optimizer.accum_steps = 1
+  config.mesh.shape = (1, 1, 1)
+  config.total_steps = max(config.total_steps, 1000)
+  experiment.validate(config, 1)
+  return config
+
+
 def _compile(config):
   import jax
 
@@ -104,8 +128,8 @@ def _compile(config):
   return setup, compiled, mesh, batch_sharding, mem, total
 
 
-def train_item(name, spec, frames, lengths, smoke, ceiling_tflops):
-  """Largest batch that fits, then timed steps."""
+def train_item(name, make_config, smoke, ceiling_tflops):
+  """Largest batch that fits, then timed steps; `make_config(batch)` builds the config."""
   import jax
   import numpy as np
 
@@ -115,13 +139,13 @@ def train_item(name, spec, frames, lengths, smoke, ceiling_tflops):
   limit = _device_memory()
   batch = probe = 2 if smoke else 4
   if limit and not smoke:
-    _, _, _, _, mem, _ = _compile(_config(spec, frames, lengths, probe, smoke))
+    _, _, _, _, mem, _ = _compile(make_config(probe))
     fixed = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     per_example = max(mem.temp_size_in_bytes / probe, 1.0)
     fits = int((0.9 * limit - fixed) // per_example)
     batch = max(1, 2 ** int(np.floor(np.log2(max(fits, 1)))))
   for attempt in range(4):
-    config = _config(spec, frames, lengths, batch, smoke)
+    config = make_config(batch)
     setup, compiled, mesh, batch_sharding, mem, total = _compile(config)
     try:
       state = setup.init()
@@ -142,7 +166,7 @@ def train_item(name, spec, frames, lengths, smoke, ceiling_tflops):
   flops = registry.of(config.model).train_step_flops(
       config, {k: v.shape for k, v in common.batch_spec(config).items()})
   achieved = flops / step_s / 1e12
-  return {"item": name, "config": spec, "frames": frames, "batch": batch,
+  return {"item": name, "batch": batch,
           "step_s": step_s, "samples_per_s": batch / step_s,
           "model_tflop_per_step": flops / 1e12, "achieved_tflops": achieved,
           "mfu_vs_peak": achieved / _PEAK.value,
@@ -177,6 +201,49 @@ def beam_item(smoke):
           "seconds_per_batch": seconds, "videos_per_s": video.shape[0] / seconds}
 
 
+def owl2_decode_item(smoke):
+  """Prefill + greedy decode of the 7B (bf16 weights) at batch 8: new tokens per second."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mplug2_jax.benchmark import common
+  from mplug2_jax.models import registry
+
+  spec = OWL2_SMOKE[1] if smoke else OWL2_TRAIN[1]
+  config = _owl2_config(spec, 2 if smoke else 8, smoke)
+  m = config.model
+  if not smoke:
+    m.llm.layers = 32  # the real 7B for decoding
+  family = registry.of(m)
+  config.data.max_length = 16 if smoke else 256  # prompt ids with one image placeholder
+  new_tokens = 4 if smoke else 128
+  dtype = jnp.dtype(m.dtype)
+  model = family.build(m)
+
+  @jax.jit
+  def init(key):
+    params = model.init(key, family.init_batch(m))["params"]
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                          is_leaf=lambda x: hasattr(x, "value"))
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+  params = init(jax.random.key(0))
+  schema = family.batch_schema(m, config.data, config.batch_size)
+  batch = family.synthetic_batch(m, schema, np.random.default_rng(0), full_length=True)
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "labels"}
+  settings = family.predict.default_settings()
+  settings.update(max_new_tokens=new_tokens, temperature=0.0, stop_on_eos=False)
+  generate = family.predict.generate_fn(m, settings)
+  seconds = common.timed(lambda: generate(params, batch), steps=1 if smoke else 3,
+                         warmup=0 if smoke else 1)
+  b = config.batch_size
+  return {"item": "Owl2 decode (prefill + greedy)", "config": spec, "batch": b,
+          "prompt_ids": config.data.max_length, "new_tokens": new_tokens,
+          "seconds_per_batch": seconds, "tokens_per_s": b * new_tokens / seconds,
+          "peak_bytes_in_use": _peak_memory()}
+
+
 def markdown(result: dict) -> str:
   lines = [f"device: {result['device']}; jax {result['jax']}",
            f"bf16 matmul ceiling: {result.get('ceiling_tflops', 0):.1f} TFLOP/s", "",
@@ -193,6 +260,10 @@ def markdown(result: dict) -> str:
   for r in result.get("generation", []):
     if "error" in r:
       lines.append(f"\n{r['item']}: error: {r['error'][:120]}")
+    elif "tokens_per_s" in r:
+      lines.append(f"\n{r['item']} (batch {r['batch']}, {r['prompt_ids']} prompt ids + one "
+                   f"image, {r['new_tokens']} new tokens): {r['seconds_per_batch']:.3f} s per "
+                   f"batch, {r['tokens_per_s']:.1f} new tokens/s")
     else:
       lines.append(f"\n{r['item']} (batch {r['batch']}): {r['seconds_per_batch']:.3f} s per "
                    f"batch, {r['videos_per_s']:.2f} videos/s")
@@ -225,27 +296,30 @@ def main(argv):
   result["ceiling_tflops"] = common.matmul_ceiling_gflops(
       jnp.float32 if smoke else jnp.bfloat16, n=n) / 1e3
   print(f"ceiling {result['ceiling_tflops']:.1f} TFLOP/s", flush=True)
-  for name, spec, frames, lengths in (SMOKE_ITEMS if smoke else TRAIN_ITEMS):
+  items = [(name, functools.partial(_config, spec, frames, lengths, smoke=smoke))
+           for name, spec, frames, lengths in (SMOKE_ITEMS if smoke else TRAIN_ITEMS)]
+  name, spec = OWL2_SMOKE if smoke else OWL2_TRAIN
+  items.append((name, functools.partial(_owl2_config, spec, smoke=smoke)))
+  beam = ("beam-search captioning", lambda: beam_item(smoke))
+  decode = ("Owl2 decode (prefill + greedy)", lambda: owl2_decode_item(smoke))
+  # mPLUG-2 steps, beam search, then Owl2: each item is skipped once the budget is spent.
+  work = [("train", n, functools.partial(train_item, n, f, smoke, result["ceiling_tflops"]))
+          for n, f in items[:-1]] + [("generation", *beam)] + [
+              ("train", items[-1][0],
+               functools.partial(train_item, items[-1][0], items[-1][1], smoke,
+                                 result["ceiling_tflops"])), ("generation", *decode)]
+  for kind, name, run in work:
     if not smoke and time.time() - start > _BUDGET.value:
       result["skipped"].append(name)
       continue
     try:
-      r = train_item(name, spec, frames, lengths, smoke, result["ceiling_tflops"])
+      r = run()
     except Exception as e:  # noqa: BLE001  (one failed item must not lose the others)
       r = {"item": name, "error": f"{type(e).__name__}: {e}"}
       traceback.print_exc()
-    result["train"].append(r)
+    result[kind].append(r)
     print(json.dumps(r), flush=True)
     save()
-  if smoke or time.time() - start <= _BUDGET.value:
-    try:
-      result["generation"].append(beam_item(smoke))
-    except Exception as e:  # noqa: BLE001
-      result["generation"].append({"item": "beam-search captioning",
-                                   "error": f"{type(e).__name__}: {e}"})
-      traceback.print_exc()
-  else:
-    result["skipped"].append("beam-search captioning")
   result["seconds"] = time.time() - start
   save()
   print(markdown(result), flush=True)
