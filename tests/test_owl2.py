@@ -40,26 +40,31 @@ def golden_dir():
   return GOLDEN
 
 
+@pytest.fixture
+def restore_precision():
+  """`check_cases` sets the global matmul precision as the CLI does; put it back after."""
+  before = jax.config.jax_default_matmul_precision
+  yield
+  jax.config.update("jax_default_matmul_precision", before)
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_golden_case_matches_official(golden_dir, case):
-  """Every array of outputs.npz within the golden README's 1e-4 (ints exactly), computed
-  by the family module the parity CLI picks from config.json."""
+def test_golden_case_passes_the_parity_command(golden_dir, case, capsys, restore_precision):
+  """`python -m mplug2_jax.convert.parity CASE` (its `check_cases`): every array of
+  outputs.npz within the golden README's 1e-4, integer arrays exactly."""
   case_dir = golden_dir / case
-  module = parity_cli.parity_module(case_dir)
-  assert module.__name__ == "mplug2_jax.convert.owl2.parity"
-  with jax.default_matmul_precision("highest"):
-    expected, ours, where = module.run(case_dir)
-  rows = parity_cli.compare(expected, ours, parity_cli.TOLERANCE, where)
-  failures = [(name, diff, note) for name, ok, diff, note in rows if not ok]
-  assert not failures
-  compared = {name for name, *_ in rows}
-  assert compared == set(expected)
+  assert parity_cli.parity_module(case_dir).__name__ == "mplug2_jax.convert.owl2.parity"
+  passed, total, worst = parity_cli.check_cases([case_dir])
+  lines = capsys.readouterr().out.splitlines()
+  rows = {line.split()[1]: line.split()[0] for line in lines[1:]}
+  assert passed == total == len(np.load(case_dir / "outputs.npz").files), lines
+  assert set(rows.values()) == {"ok"} and worst <= parity_cli.TOLERANCE
   if case.startswith("preprocess"):
-    assert compared == {"pixel_values"}
+    assert set(rows) == {"pixel_values"}
   else:
-    assert {"logits", "loss", "gen_tokens"} <= compared
+    assert {"logits", "loss", "gen_tokens", "llm_hidden_states"} <= set(rows)
     if "pixel_values" in np.load(case_dir / "inputs.npz"):
-      assert {"vision_last_hidden_state", "abstractor_output"} <= compared
+      assert {"vision_last_hidden_state", "abstractor_output"} <= set(rows)
 
 
 def test_public_cases_are_all_tested(golden_dir):
