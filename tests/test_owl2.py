@@ -9,6 +9,7 @@ fixtures.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import jax
@@ -441,3 +442,52 @@ def test_chat_batch_mode_answers_every_prompt(tiny, tmp_path):
     chat.main(["--checkpoint", str(checkpoint), "--batch", str(source), "--output",
                str(output)])
   assert e.value.code == 2
+
+
+def test_generation_benchmark_imports_without_input_pipeline_packages():
+  """`benchmark/owl2_generation.py` needs only jax and the model packages."""
+  import subprocess
+  import sys
+
+  code = ("import sys\n"
+          "for name in ('grain', 'tensorflow_datasets', 'av', 'array_record'):\n"
+          "  sys.modules[name] = None\n"
+          "from mplug2_jax.benchmark import owl2_generation as g\n"
+          "m = g.model_config('tiny', 'float32')\n"
+          "b = g.prompt_batch(m, 2, 8, 1)\n"
+          "assert b['images'].shape == (2, 1, 56, 56, 3) and (b['input_ids'][:, 1] == -200).all()\n")
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=repo,
+                 env={**os.environ, "PYTHONPATH": str(repo)})
+
+
+def test_llama_init_fills_the_text_branch_and_copies_it_to_the_image_branch(tiny, exported):
+  """init-pretrained --llama: an HF LLaMA state dict (here the text branch of the tiny
+  export, renamed) -> LLM leaves; multiway.1 = multiway.0; ViT and abstractor stay fresh."""
+  import re
+
+  from mplug2_jax.convert.owl2 import pretrained
+
+  m, flat, _ = tiny
+  official = checkpoints.open_state_dict(exported / "single.safetensors")
+  llama = {}
+  for key in official:
+    if not key.startswith(("model.layers.", "model.embed_tokens", "model.norm", "lm_head")):
+      continue
+    if ".multiway.1." in key:
+      continue
+    llama[re.sub(r"\.multiway\.0", "", key)] = official[key]
+  fresh = random_flat(m, seed=1)
+  params, notes = pretrained.initialise(fresh, m, llama=llama)
+  assert any("copy of the text branch" in n for n in notes)
+  for path, value in params.items():
+    if path.startswith(("vision/", "abstractor/")):
+      np.testing.assert_array_equal(value, fresh[path], err_msg=path)
+    elif path.startswith(("llm/layers/attn/key", "llm/layers/attn/value", "llm/layers/input_norm",
+                          "llm/layers/post_norm")):
+      np.testing.assert_array_equal(value[:, 0], flat[path][:, 0], err_msg=path)
+      np.testing.assert_array_equal(value[:, 1], flat[path][:, 0], err_msg=path)
+    else:
+      np.testing.assert_array_equal(value, flat[path], err_msg=path)
+  with pytest.raises(pretrained.ConversionError, match="unexpected LLaMA key 'model.extra'"):
+    pretrained.initialise(fresh, m, llama={**llama, "model.extra": np.zeros(3)})
