@@ -229,36 +229,49 @@ def mixes(count: int, seed: int):
     yield [int(r) for r in rows], [str(s) for s in sides]
 
 
+def expected_stop(tokens: np.ndarray, limit: int, eos: int, stops: list[list[int]]) -> int:
+  """How many of a reference's tokens a row keeps: up to its limit, its first eos, or the
+  end of the first stop sequence it completes."""
+  for n in range(1, limit + 1):
+    if tokens[n - 1] == eos or any(n >= len(q) and list(tokens[n - len(q):n]) == q
+                                   for q in stops):
+      return n
+  return limit
+
+
 def test_batched_greedy_generation_equals_per_sample(tiny, references):
-  """Mixed prompt lengths, 0/1/2 images, left / right / mixed padding, per-row limits and
-  a stop token: every row generates what its prompt generates alone, then stops."""
+  """Mixed prompt lengths, 0/1/2 images, left / right / mixed padding, per-row limits, a
+  stop token and stop sequences: every row generates what its prompt generates alone,
+  then stops."""
   m, _, params = tiny
   samples, refs = references
-  eos = int(refs[0][0][2])  # a token some references produce: rows stop on it
+  eos = int(refs[0][0][2])  # tokens some references produce: rows stop on them
+  stops = [[int(t) for t in refs[3][0][1:3]], [int(refs[4][0][3])]]
   cached = model_lib.build(m, use_cache=True)
   run = jax.jit(lambda p, b: generation.generate(
       cached, p, b["input_ids"], b["attention_mask"], b["images"], b["image_mask"],
-      max_new_tokens=STEPS, eos_id=eos, max_new=b["max_new"], return_logits=True))
+      max_new_tokens=STEPS, eos_id=eos, max_new=b["max_new"],
+      stop_sequences=b["stop_sequences"], return_logits=True))
   rng = np.random.default_rng(2)
   stopped = 0
   for rows, sides in mixes(8, seed=3):
     batch = make_batch(m, samples, rows, sides)
     batch["max_new"] = rng.integers(2, STEPS + 1, ROWS).astype(np.int32)
+    batch["stop_sequences"] = generation.stop_sequence_array(stops)
     result = run(params, batch)
     tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
     for r, s in enumerate(rows):
       want, want_logits = refs[s]
-      n = int(batch["max_new"][r])
-      hits = np.flatnonzero(want[:n] == eos)
-      n = int(hits[0]) + 1 if hits.size else n
-      stopped += bool(hits.size)
+      limit = int(batch["max_new"][r])
+      n = expected_stop(want, limit, eos, stops)
+      stopped += n < limit
       where = f"mix {rows} {sides}, row {r}"
       assert lengths[r] == n, where
       np.testing.assert_array_equal(tokens[r, :n], want[:n], err_msg=where)
       assert (tokens[r, n:] == m.llm.pad_token_id).all(), where
       np.testing.assert_allclose(np.asarray(result.logits)[r, :n], want_logits[:n],
                                  atol=1e-4, err_msg=where)
-  assert stopped, "no row met the stop token"
+  assert stopped, "no row met a stop rule"
 
 
 def test_batched_generation_without_images_and_sampling_is_batch_independent(tiny,
@@ -491,3 +504,29 @@ def test_llama_init_fills_the_text_branch_and_copies_it_to_the_image_branch(tiny
       np.testing.assert_array_equal(value, flat[path], err_msg=path)
   with pytest.raises(pretrained.ConversionError, match="unexpected LLaMA key 'model.extra'"):
     pretrained.initialise(fresh, m, llama={**llama, "model.extra": np.zeros(3)})
+
+
+def test_grouped_query_attention_equals_repeated_key_value_heads():
+  """num_kv_heads < num_heads (official bug 5: a crash there) is the MHA model whose
+  key/value heads are repeated over each group; its conversion round-trips too."""
+  from mplug2_jax.convert.owl2 import official
+
+  m = owl2.model_config("tiny")
+  m.llm.num_kv_heads = 1
+  owl2.validate(m)
+  gqa = random_flat(m, seed=4)
+  mha_cfg = owl2.model_config("tiny")
+  mha = dict(gqa)
+  for leaf in ("llm/layers/attn/key/kernel", "llm/layers/attn/value/kernel"):
+    mha[leaf] = np.repeat(gqa[leaf], mha_cfg.llm.num_heads, axis=-2)  # (.., D, kv, hd)
+  rng = np.random.default_rng(5)
+  batch = {"input_ids": rng.integers(3, 1000, (2, 7)).astype(np.int32),
+           "attention_mask": np.ones((2, 7), np.int32)}
+  batch["attention_mask"][1, 5:] = 0
+  logits = [np.asarray(jax.jit(owl2.build(c).apply)(
+      {"params": param_store.nest(p)}, batch)[0]["logits"]) for c, p in ((m, gqa),
+                                                                        (mha_cfg, mha))]
+  np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
+  back = official.to_flax(official.to_official(gqa, m), m, _expected(m))
+  for path, value in gqa.items():
+    np.testing.assert_array_equal(back[path], value, err_msg=path)
