@@ -417,7 +417,7 @@ def test_import_refuses_a_checkpoint_of_another_architecture(tiny, exported, tmp
 # ---- chat CLI, batch mode -------------------------------------------------------------------
 
 
-def test_chat_batch_mode_answers_every_prompt(tiny, tmp_path):
+def test_chat_batch_mode_answers_every_prompt(tiny, tmp_path, capsys):
   from PIL import Image
 
   from mplug2_jax import chat
@@ -449,6 +449,11 @@ def test_chat_batch_mode_answers_every_prompt(tiny, tmp_path):
   assert [a["id"] for a in answers] == ["a", "b", "c"]
   assert [a["prompt"] for a in answers] == [p["prompt"] for p in prompts]
   assert all(isinstance(a["answer"], str) for a in answers)
+  # One question (the interactive path's first turn, with the template and image).
+  chat.main(["--checkpoint", str(checkpoint), "--image", str(tmp_path / "1.png"),
+             "--prompt", "describe the image", "--config",
+             f"{repo}/configs/owl2_chat.py:mode=caption,max_new_tokens=3"])
+  assert capsys.readouterr().out.startswith("ASSISTANT: ")
   # A missing image is named, in one line, before any compute.
   source.write_text(json.dumps({"prompt": "x", "image": str(tmp_path / "nope.png")}) + "\n")
   with pytest.raises(SystemExit) as e:
@@ -530,3 +535,18 @@ def test_grouped_query_attention_equals_repeated_key_value_heads():
   back = official.to_flax(official.to_official(gqa, m), m, _expected(m))
   for path, value in gqa.items():
     np.testing.assert_array_equal(back[path], value, err_msg=path)
+
+
+def test_chat_prompt_is_the_official_template_with_history():
+  """`mplug_owl2` (owl2.md section 6): no system prompt, the image markers before the first
+  question, every earlier turn kept."""
+  import types
+
+  from mplug2_jax import chat
+  from mplug2_jax.data import instruction
+
+  stub = types.SimpleNamespace(settings=chat.default_settings(), instruction=instruction)
+  assert chat.Chat.prompt(stub, [("Describe the image.", "")], 1) == (
+      "USER: <|image|>Describe the image. ASSISTANT:")
+  assert chat.Chat.prompt(stub, [("Q1", "A1"), ("Q2", "")], 2) == (
+      "USER: <|image|><|image|>Q1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:")
