@@ -112,6 +112,17 @@ def test_image_size_must_fit_the_positional_tables():
   assert "56" in message
 
 
+def test_data_image_size_must_be_the_models():
+  from mplug2_jax import experiment
+
+  config = experiment.base_config("tiny", "instruct", family="owl2")
+  experiment.validate(config, training=False)
+  config.data.image_size = 224
+  with pytest.raises(config_lib.ConfigError, match=r"^config.data.image_size=224: must be 0 "
+                                                   r"or model.image_size=56"):
+    experiment.validate(config, training=False)
+
+
 def test_images_of_another_size_fail_before_compute():
   m = owl2.model_config("tiny")
   model = owl2.build(m)

@@ -156,3 +156,12 @@ def validate(m: ml_collections.ConfigDict) -> None:
   for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
     check(0 <= t[key] < t.vocab_size, f"model.llm.{key}", t[key],
           f"must be a token id in [0, model.llm.vocab_size={t.vocab_size})")
+
+
+def validate_data(m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
+  """The batch's image size must be the model's (official bug 12: the positional tables
+  fix it); 0 means the model's."""
+  size = d.get("image_size", 0)
+  check(size in (0, m.image_size), "data.image_size", size,
+        f"must be 0 or model.image_size={m.image_size}: the positional tables fix the image "
+        f"size (no interpolation)")
