@@ -484,7 +484,8 @@ def test_generation_benchmark_imports_without_input_pipeline_packages():
           "from mplug2_jax.benchmark import owl2_generation as g\n"
           "m = g.model_config('tiny', 'float32')\n"
           "b = g.prompt_batch(m, 2, 8, 1)\n"
-          "assert b['images'].shape == (2, 1, 56, 56, 3) and (b['input_ids'][:, 1] == -200).all()\n")
+          "assert b['images'].shape == (2, 1, 56, 56, 3)\n"
+          "assert (b['input_ids'][:, 1] == -200).all()\n")
   repo = pathlib.Path(__file__).resolve().parents[1]
   subprocess.run([sys.executable, "-c", code], check=True, cwd=repo,
                  env={**os.environ, "PYTHONPATH": str(repo)})

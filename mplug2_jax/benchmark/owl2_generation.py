@@ -147,10 +147,10 @@ def aot(m) -> None:
   print(f"owl2 {m.size} {m.dtype}: batch {_BATCH.value}, prompt {_PROMPT.value} tokens + "
         f"{_IMAGES.value} image(s) = {length} positions + {_NEW.value} new tokens, mesh "
         f"{dict(mesh.shape)}, compiled in {compile_s:.0f} s")
-  print(f"per device: arguments {gib(memory.argument_size_in_bytes):.2f} GiB, outputs "
-        f"{gib(memory.output_size_in_bytes):.3f} GiB, temporaries "
-        f"{gib(memory.temp_size_in_bytes):.2f} GiB, total "
-        f"{gib(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes):.2f} GiB")
+  args, outputs = memory.argument_size_in_bytes, memory.output_size_in_bytes
+  temps = memory.temp_size_in_bytes
+  print(f"per device: arguments {gib(args):.2f} GiB, outputs {gib(outputs):.3f} GiB, "
+        f"temporaries {gib(temps):.2f} GiB, total {gib(args + outputs + temps):.2f} GiB")
 
 
 def main(argv):
