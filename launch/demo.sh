@@ -4,7 +4,7 @@
 # captioning), caption and video-QA fine-tuning, evaluation of the trained and untrained
 # models on the held-out split, and the results table (printed and in
 # WORKDIR/results.md; loss-curve PNGs, metrics JSONL and TensorBoard events per stage).
-# Last, the golden parity check against the official PyTorch mPLUG-2.
+# Last, the golden parity checks against the official PyTorch mPLUG-2 and mPLUG-Owl2.
 #   bash launch/demo.sh [WORKDIR]        (default ./workdirs/demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +14,7 @@ work="${1:-workdirs/demo}"
 $py -m mplug2_jax.demo_job --workdir "$work"
 if [[ -d ../shared/golden/mplug2 ]]; then
   $py -m mplug2_jax.convert.parity ../shared/golden/mplug2/*
+fi
+if [[ -d ../shared/golden/owl2 ]]; then
+  $py -m mplug2_jax.convert.parity ../shared/golden/owl2/*
 fi

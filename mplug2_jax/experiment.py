@@ -81,6 +81,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   """Raises ConfigError naming the key of the first problem. `training=False` (conversion,
   evaluation) skips the keys of a training run."""
   registry.validate(config.model)
+  family = registry.of(config.model)
+  if hasattr(family, "validate_data") and "data" in config:
+    family.validate_data(config.model, config.data)
   config_lib.validate_rules(config)
   if training:
     _validate_run(config)

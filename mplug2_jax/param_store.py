@@ -58,8 +58,12 @@ def save_params(directory, params: dict, model_config: ml_collections.ConfigDict
 
   directory = resolve(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory / PARAMS_DIR, params, force=True)
+  # Synchronous and uncompressed: orbax's compressing save holds about two more copies of
+  # the arrays while it writes (a 7B import would need ~3x its size of host memory);
+  # parameters hardly compress. Readable by `load_params` like any orbax pytree.
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+  checkpointer.save(directory / PARAMS_DIR, args=ocp.args.PyTreeSave(params), force=True)
+  checkpointer.close()
   if jax.process_index() == 0:
     (directory / MODEL_CONFIG_FILE).write_text(model_config.to_json(indent=2))
   return directory

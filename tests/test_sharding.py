@@ -109,23 +109,29 @@ def test_undividable_dims_are_reported(reference):
 SMALL_UNSHARDED = (r"/bias$", r"/scale$", r"/conv_kernel$", r"/conv_bias$", r"^itc_head/temp$")
 
 
-@pytest.mark.parametrize("task", ["caption", "videoqa", "retrieval", "pretrain"])
-def test_large_parameters_are_sharded_over_fsdp(task):
-  """On a (1, 8, 1) mesh every parameter of the large model is split over the fsdp axis
-  except the allow-listed small ones, which hold under 1% of the parameters (MaxText's
-  sharding-sufficiency check). Abstract only: nothing is allocated."""
+@pytest.mark.parametrize("family,size,task", [
+    ("mplug2", "large", "caption"), ("mplug2", "large", "videoqa"),
+    ("mplug2", "large", "retrieval"), ("mplug2", "large", "pretrain"),
+    ("owl2", "7b", "instruct")])
+def test_large_parameters_are_sharded_over_fsdp(family, size, task):
+  """On a (1, 8, 1) mesh every parameter of the large model (mPLUG-Owl2: the 7B) is split
+  over the fsdp axis except the allow-listed small ones, which hold under 1% of the
+  parameters (MaxText's sharding-sufficiency check). Abstract only: nothing is allocated."""
   import re
 
-  config = experiment.base_config("large", task)
+  from mplug2_jax.models import registry
+
+  config = experiment.base_config(size, task, family=family)
   config.mesh.shape = (1, 8, 1)
   mesh = sharding.make_mesh(config)
-  model = mplug2.build(config.model)
+  models = registry.get(family)
+  model = models.build(config.model)
   shardings = sharding.flat(
-      sharding.param_shardings(model, mplug2.init_batch(config.model), mesh, config),
+      sharding.param_shardings(model, models.init_batch(config.model), mesh, config),
       is_leaf=lambda x: isinstance(x, NamedSharding))
   with sharding.activate(mesh, config):
     shapes = sharding.flat(sharding.unboxed(sharding.abstract_params(
-        model, mplug2.init_batch(config.model))))
+        model, models.init_batch(config.model))))
   unsharded = {p for p, s in shardings.items()
                if not any("fsdp" in (e if isinstance(e, tuple) else (e,)) for e in s.spec)}
   not_allowed = sorted(p for p in unsharded if not any(re.search(r, p) for r in SMALL_UNSHARDED))

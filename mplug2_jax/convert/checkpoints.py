@@ -105,8 +105,13 @@ class ShardedStateDict(Mapping):
     return self.path.parent
 
   def _shard(self, key: str) -> LazyStateDict:
+    """The key's shard, opened on demand. Only the last shard used stays open: a shard's
+    memory-mapped pages that were read count as resident until it is closed, so holding
+    every shard open would keep the whole checkpoint resident (reopening costs a header
+    read)."""
     name = self._where[key]
     if name not in self._shards:
+      self._shards.clear()
       self._shards[name] = LazyStateDict(self.directory / name)
     return self._shards[name]
 

@@ -6,6 +6,7 @@ A family is a package under `models/` that exposes, as mPLUG-2 does
   NAME, SIZES, TASKS, TASK_MODULES       names, size presets, tasks, modules per task
   model_config(size, task)               `config.model` with the preset's values
   validate(model_cfg)                    ConfigError naming the first bad model key
+  validate_data(model_cfg, data_cfg)     optional: data keys the model constrains
   batch_schema(model_cfg, data_cfg, batch_size, task="")   the task's batch arrays
   init_batch(model_cfg)                  a zero batch for parameter init
   synthetic_batch(model_cfg, schema, rng)  random arrays of a schema

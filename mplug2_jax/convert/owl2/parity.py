@@ -130,12 +130,22 @@ def run_case(case_dir: pathlib.Path) -> dict[str, np.ndarray]:
   return ours
 
 
+def _side(value) -> int:
+  """An HF processor size: an int, or {"shortest_edge": n} / {"height": n, "width": n}."""
+  if isinstance(value, dict):
+    sides = {int(v) for k, v in value.items() if k in ("shortest_edge", "height", "width")}
+    if len(sides) != 1:
+      raise ValueError(f"preprocessing case: size {value} is not one square side")
+    return sides.pop()
+  return int(value)
+
+
 def run_preprocess(case: dict, inputs: dict) -> dict[str, np.ndarray]:
   from mplug2_jax.data import instruction
 
   processor = case["image_processor"]
-  size = int(processor.get("crop_size", processor.get("size")))
-  if int(processor.get("size", size)) != size or int(processor.get("resample", 3)) != 3:
+  size = _side(processor.get("crop_size", processor.get("size")))
+  if _side(processor.get("size", size)) != size or int(processor.get("resample", 3)) != 3:
     raise ValueError(f"preprocessing case: size {processor.get('size')} / crop "
                      f"{processor.get('crop_size')} / resample {processor.get('resample')} "
                      "differ from the official CLIP processor (bicubic, crop = size)")
@@ -146,8 +156,11 @@ def run_preprocess(case: dict, inputs: dict) -> dict[str, np.ndarray]:
   if tuple(case.get("pad_background_rgb", instruction.PAD_RGB)) != tuple(instruction.PAD_RGB):
     raise ValueError(f"preprocessing case: pad colour {case['pad_background_rgb']} is not "
                      f"{instruction.PAD_RGB}")
+  # process_images (MU:29-50): "pad" and "resize" change the image first; any other
+  # setting hands it to the CLIP processor as it is.
+  aspect = case.get("image_aspect_ratio")
   pixels = instruction.image_pixels(inputs["image_uint8"], size,
-                                    aspect=case["image_aspect_ratio"])
+                                    aspect=aspect if aspect in ("pad", "resize") else "crop")
   return {"pixel_values": pixels.transpose(2, 0, 1)[None]}
 
 

@@ -20,7 +20,7 @@ import ml_collections
 from mplug2_jax.models import schema as schema_lib
 from mplug2_jax.models.owl2 import generation, objectives, predict
 from mplug2_jax.models.owl2.config import (SIZES, TASK_MODULES, TASKS, model_config,
-                                           tokens_per_image, validate)
+                                           tokens_per_image, validate, validate_data)
 from mplug2_jax.models.owl2.flops import train_step_flops
 from mplug2_jax.models.owl2.model import Owl2, build, splice
 from mplug2_jax.models.owl2.schema import batch_schema, check_images, expanded_length
@@ -30,9 +30,9 @@ CONVERSION = "mplug2_jax.convert.owl2"  # imported by name: convert sits above m
 DEFAULT_TOKENIZER = "sentencepiece"
 
 __all__ = ["NAME", "CONVERSION", "SIZES", "TASKS", "TASK_MODULES", "model_config",
-           "validate", "batch_schema", "init_batch", "build", "Owl2", "splice", "objectives",
-           "predict", "generation", "train_step_flops", "synthetic_batch", "check_images",
-           "expanded_length", "tokens_per_image"]
+           "validate", "validate_data", "batch_schema", "init_batch", "build", "Owl2",
+           "splice", "objectives", "predict", "generation", "train_step_flops",
+           "synthetic_batch", "check_images", "expanded_length", "tokens_per_image"]
 
 # Lengths of the stand-in batch that parameter init traces (parameters do not depend on
 # the batch or sequence sizes).

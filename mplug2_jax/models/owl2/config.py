@@ -123,10 +123,11 @@ def validate(m: ml_collections.ConfigDict) -> None:
         f"not a multiple of model.vision.patch_size={v.patch_size}")
   # Official bug 12: the ViT slices its positional table and the abstractor's key table
   # has grid_size^2 + 1 rows, so only this one image size works.
-  grid = m.image_size // v.patch_size
-  check(a.grid_size == grid, "model.abstractor.grid_size", a.grid_size,
-        f"must equal model.image_size / model.vision.patch_size = {grid}: the positional "
-        f"tables fix the image size (no interpolation)")
+  _positive_ints(m.abstractor, "model.abstractor", ("grid_size",))
+  fixed = a.grid_size * v.patch_size
+  check(m.image_size == fixed, "model.image_size", m.image_size,
+        f"the positional tables fix the image size at {fixed} px (model.abstractor."
+        f"grid_size={a.grid_size} x model.vision.patch_size={v.patch_size}; no interpolation)")
 
   _positive_ints(a, "model.abstractor", ("hidden_size", "num_heads", "intermediate_size",
                                          "layers", "num_queries", "grid_size"))
@@ -155,3 +156,12 @@ def validate(m: ml_collections.ConfigDict) -> None:
   for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
     check(0 <= t[key] < t.vocab_size, f"model.llm.{key}", t[key],
           f"must be a token id in [0, model.llm.vocab_size={t.vocab_size})")
+
+
+def validate_data(m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
+  """The batch's image size must be the model's (official bug 12: the positional tables
+  fix it); 0 means the model's."""
+  size = d.get("image_size", 0)
+  check(size in (0, m.image_size), "data.image_size", size,
+        f"must be 0 or model.image_size={m.image_size}: the positional tables fix the image "
+        f"size (no interpolation)")
