@@ -5,7 +5,6 @@ One train step is compiled per module (retrieval: ITC + queues + momentum model 
 every step test reuses it. Slower whole-task checks are marked `slow`.
 """
 
-import importlib.util
 import os
 import signal
 
@@ -239,10 +238,8 @@ def test_alpha_ramp_over_epoch_0():
   assert got == pytest.approx([0.0, 0.2, 0.4, 0.4])
   assert objectives.ramped_alpha(0.4, 3, 0) == 0.4
   for name in ("pretrain", "retrieval"):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("size=base,synthetic=1,train_examples=64000,epochs=3")
+    config = experiment.load(
+        f"{REPO}/configs/{name}.py:size=base,synthetic=1,train_examples=64000,epochs=3")
     per_epoch = config_lib.steps_for_epochs(3, 64000, config.batch_size)[1]
     assert config.objective.alpha_ramp_steps == per_epoch * config.optimizer.accum_steps
     assert config.objective.negatives == "local" and config.objective.hard_negative_eps == 0
