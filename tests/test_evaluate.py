@@ -170,6 +170,10 @@ def test_itm_rerank_shortlists_and_adds_itc():
   m = metrics.retrieval_metrics(t2v, np.arange(3), v2t)
   assert m["t2v_R1"] == pytest.approx(200 / 3)  # text 2 misses (video 2 not shortlisted)
   assert m["v2t_R1"] == 100.0
+  # M1 image retrieval: the shortlisted pairs scored by the ITM logit alone.
+  t2v, v2t = metrics.itm_rerank(sim, 2, itm, add_itc=False)
+  np.testing.assert_allclose(t2v[0], [10.0, 0.0, -100.0])
+  np.testing.assert_allclose(v2t[2], [-100.0, 0.0, 10.0])
 
 
 # ---- classification and grounding ----------------------------------------------------
