@@ -50,8 +50,8 @@ def get_config(arg=None):
   config.model.dtype = "float32" if a.size == "tiny" else "bfloat16"
   # Chosen by the AOT plan (docs/performance.md, `python -m mplug2_jax.benchmark.plan`):
   # the large step at 16 frames x 224 px, 4 videos per device, keeps the matmul outputs
-  # (no forward recomputation) in 36 GiB per device on 8 devices (fits an 80 GiB H100;
-  # predicted MFU 73% on 8xH100). "full" remat (15-17 GiB, MFU 53-55%) is the fallback for
+  # (no forward recomputation) in 33-36 GiB per device on 8 to 256 devices (fits an 80 GiB
+  # H100; predicted MFU 74% on H100). "full" remat (11-15 GiB, MFU 56%) is the fallback for
   # more tokens per device. The mesh default (1, -1, 1) is FSDP over all devices.
   if a.size != "tiny":
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
