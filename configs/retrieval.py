@@ -16,8 +16,8 @@ in-batch keys and hard negatives from each device's local batch, alpha ramped ov
 
 Arguments: size (tiny|base|large), data=DIR (a built video_retrieval or image_text
 dataset), image=1 (COCO / Flickr30K image-text data: 30 words / tokens, in-loop ITM
-re-ranking of the top 256 by the ITM score alone, as M1), train_examples (pairs per epoch; MSRVTT 9k: 180000 = 9000 videos x 20 captions),
-epochs (10), init=DIR (a parameters directory, e.g. a pretrained model),
+re-ranking of the top 256 by the ITM score alone, as M1), train_examples (pairs per epoch;
+MSRVTT 9k: 180000 = 9000 videos x 20 captions), epochs (10), init=DIR (a parameters directory, e.g. a pretrained model),
 vocab=FILE (BERT vocab.txt; default the shipped bert-base-uncased), synthetic=1
 (random batches instead of a dataset: timing runs; without data= the config fails).
 
