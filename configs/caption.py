@@ -9,8 +9,10 @@ lr1 2e-5 (text side) / lr2 2e-6 (vision tower), weight decay 0.02 (not on biases
 LayerNorm gains), `cosine_step` with 200 warm-up iterations from 1e-6 and min_lr 1e-6,
 10 epochs, 4 videos per GPU x 8 GPUs = 32 per iteration, `--accum_steps 2` (one optimizer
 step per 2 iterations: our batch_size = 64 split into 2 micro-batches of 32, and the
-schedule counts optimizer steps, so warm-up = 200 / 2), 224 px, 16 frames, prompt
-"a video of", caption max_length 20, beam 5, min_length 4, no gradient clipping.
+schedule counts optimizer steps, so warm-up = 200 / 2; the epoch-0 lr dips of the official
+`step_size = 100` stepping are reproduced, `optimizer.epoch0_dips`), 224 px, 16 frames,
+prompt "a video of", caption max_length 20, beam 5, min_length 4, no gradient clipping;
+the loss is a token mean per device, averaged (`objective.token_mean`).
 
 Arguments: size (tiny|base|large), data=DIR (a built video_caption dataset),
 train_examples (captions per epoch; MSRVTT: 6513 train videos x 20 = 130260),
@@ -49,6 +51,11 @@ def get_config(arg=None):
   o.warmup_steps = 200 // accum                      # 200 iterations
   config.total_steps, steps_per_epoch = config_lib.steps_for_epochs(
       a.epochs, a.train_examples, config.batch_size)
+  # Official stepping (train/optimizer.py): the scheduler steps after each iteration
+  # (lr_lag, the default) and, in epoch 0, with i // 100 at every 100th iteration: the
+  # next optimizer step runs at a warm-up value (`epoch0_dips=0` removes the dips).
+  o.epoch0_dips = 100
+  o.steps_per_epoch = steps_per_epoch
 
   config.checkpoint.every_steps = steps_per_epoch   # official: evaluates/saves every epoch
   config.eval_every_steps = steps_per_epoch          # official: evaluates every epoch

@@ -3,8 +3,11 @@ r"""mPLUG-2 visual grounding fine-tuning (RefCOCO, RefCOCO+, RefCOCOg).
 Modules: as video QA — image encoder -> universal layers; expression -> text encoder ->
 fusion with the image -> decoder over [fused image ; fused expression], which generates the
 box as 4 coordinate tokens after the prefix [unused339] (spec datasets.md 3.5; mplug2.md
-6.3 `BertPrefixModelForGrounding`, 14). Trained with the videoqa objective: the pipeline
-gives each expression one answer row [unused339] t(cx) t(cy) t(w) t(h) (data/grounding.py).
+6.3 `BertPrefixModelForGrounding`, 14). The pipeline gives each expression one decoder row
+[unused339] t(cx) t(cy) t(w) t(h) (data/grounding.py); the loss is M1's
+(`model_grounding_mplug.py:88-91,143-166`): cross-entropy over the 337 box tokens, weighted
+by the teacher-forced box's L1 error x (1 - GIoU), with the official (bs, bs, 4) broadcast
+of those weights (`objective.grounding_loss`, docs/official_quirks.md).
 
 What the spec pins (datasets.md 3.5, M1 `configs/grounding_mplug_large.yaml`,
 `dataset/grounding_dataset.py`, `dataset/vg_transforms.py`): 336 x 336 letterboxed images

@@ -52,6 +52,7 @@ def get_config(arg=None):
   o.warmup_lr = 0.0                                 # HF linear warm-up from 0
   o.min_lr = 0.0                                    # HF cosine to 0
   o.warmup_prefix = True                            # HF: the cosine starts after warm-up
+  o.lr_lag = False                                  # HF: step k runs at sched(k)
   o.grad_clip_norm = 1.0                            # HF Trainer max_grad_norm
   o.accum_steps = accum
   config.total_steps, steps_per_epoch = config_lib.steps_for_epochs(

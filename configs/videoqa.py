@@ -10,7 +10,12 @@ warm-up iterations from 1e-6 and min_lr 1e-6, 10 epochs, 4 videos per GPU x 8 GP
 per step, no accumulation, 224 px, 16 frames, max_input_length 50, answers min_length 1 /
 max_length 10, beam 5, no gradient clipping.
 
-Arguments: size, data=DIR (a built video_qa dataset), train_examples (questions per epoch;
+Stepping: the scheduler steps after each iteration, so iteration i runs at sched(i - 1)
+(`optimizer.lr_lag`, the default; M2 `video_qa_mplug2.py:81-98`).
+
+Arguments: size, data=DIR (a built video_qa dataset), vqa=1 (VQAv2 + VG image data, M1's
+VQA inputs: raw questions of up to 80 tokens, every distinct answer with its annotator-share
+weight, VQA accuracy in the loop), train_examples (questions per epoch;
 default 158581, the MSRVTT-QA train split [check against your build]), epochs (10),
 init=DIR (a parameters directory from `python -m mplug2_jax.convert import-official`),
 vocab=FILE (BERT vocab.txt; default the shipped bert-base-uncased), synthetic=1
@@ -25,7 +30,7 @@ from mplug2_jax import config_lib, experiment
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, size="large", data="", train_examples=158581, epochs=10,
-                           init="", vocab="bert-base-uncased", synthetic=False)
+                           init="", vocab="bert-base-uncased", synthetic=False, vqa=False)
   config = experiment.base_config(a.size, task="videoqa")
   config.batch_size = 2 if a.size == "tiny" else 32  # official: 4 per GPU x 8 GPUs
   config.model.dtype = "float32" if a.size == "tiny" else "bfloat16"  # official --do_amp
@@ -36,6 +41,12 @@ def get_config(arg=None):
   d.vocab_file = a.vocab
   d.max_question_len = 10 if a.size == "tiny" else 50  # official max_input_length
   d.max_answer_len = 10                              # official max_length
+  if a.vqa:  # M1 VQA data (datasets.md 3.4)
+    d.question_preprocess = "raw"                    # M1: pre_question commented out
+    d.answers_per_question = 10                      # every distinct answer with its weight
+    d.max_question_len = 10 if a.size == "tiny" else 80
+    d.repeat_images = True                           # images as still clips
+    config.eval.qa_metric = "vqa"
 
   # Optimizer: the defaults (train/optimizer.py) are the official fine-tuning values:
   # AdamW lr 2e-5 (vision tower 0.1x), wd 0.02, cosine_step, 200 warm-up iterations

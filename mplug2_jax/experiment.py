@@ -80,11 +80,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
              training: bool = True) -> None:
   """Raises ConfigError naming the key of the first problem. `training=False` (conversion,
   evaluation) skips the keys of a training run."""
+  from mplug2_jax import data
+
   registry.validate(config.model)
   family = registry.of(config.model)
   if hasattr(family, "validate_data") and "data" in config:
     family.validate_data(config.model, config.data)
   config_lib.validate_rules(config)
+  data.validate(config.data)
   if training:
     _validate_run(config)
   if num_devices is not None:
@@ -93,6 +96,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     if "batch_size" in config:
       check(config.batch_size % batch_ways == 0, "batch_size", config.batch_size,
             f"not divisible by the data x fsdp mesh axes ({batch_ways} ways)")
+      if training:  # each device's rows split evenly over the micro-batches (local batches)
+        accum = int(config.optimizer.accum_steps)
+        check(config.batch_size % (batch_ways * accum) == 0, "batch_size", config.batch_size,
+              f"not divisible by optimizer.accum_steps={accum} x the {batch_ways} data x fsdp "
+              f"devices (each device's micro-batches must be equal)")
 
 
 def _validate_run(config: ml_collections.ConfigDict) -> None:
@@ -108,6 +116,9 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   check(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep, "must be > 0")
   check(config.checkpoint.best_mode in ("max", "min"), "checkpoint.best_mode",
         config.checkpoint.best_mode, "must be 'max' or 'min'")
+  objectives = registry.of(config.model).objectives
+  if hasattr(objectives, "validate"):
+    objectives.validate(config.objective)
   o = config.optimizer
   check(o.lr >= 0, "optimizer.lr", o.lr, "must be >= 0")
   for key in ("warmup_lr", "min_lr", "weight_decay", "grad_clip_norm"):
@@ -116,8 +127,18 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
         o.accum_steps, "must be a positive integer")
   check(config.batch_size % o.accum_steps == 0, "optimizer.accum_steps", o.accum_steps,
         f"does not divide batch_size={config.batch_size}")
-  check(o.schedule in ("cosine_step", "constant"), "optimizer.schedule", o.schedule,
-        "must be 'cosine_step' or 'constant'")
+  schedules = ("cosine_step", "cosine_epoch", "constant")
+  check(o.schedule in schedules, "optimizer.schedule", o.schedule,
+        f"must be one of {schedules}")
+  for key in ("epoch0_dips", "steps_per_epoch", "epochs"):
+    check(isinstance(o[key], int) and o[key] >= 0, f"optimizer.{key}", o[key],
+          "must be an integer >= 0")
+  if o.schedule == "cosine_epoch":
+    for key in ("steps_per_epoch", "epochs", "warmup_stair"):
+      check(o[key] > 0, f"optimizer.{key}", o[key], "must be > 0 with schedule='cosine_epoch'")
+  if o.epoch0_dips:
+    check(o.steps_per_epoch > 0, "optimizer.steps_per_epoch", o.steps_per_epoch,
+          "must be > 0 with optimizer.epoch0_dips")
 
 
 def check_input(config: ml_collections.ConfigDict) -> None:

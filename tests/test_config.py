@@ -80,6 +80,13 @@ def bad(mutate, num_devices=1):
     (lambda c: c.optimizer.update(lr=-1.0), "optimizer.lr"),
     (lambda c: c.optimizer.update(accum_steps=3), "optimizer.accum_steps"),
     (lambda c: c.update(total_steps=0), "total_steps"),
+    (lambda c: c.optimizer.update(schedule="cosine"), "optimizer.schedule"),
+    (lambda c: c.optimizer.update(schedule="cosine_epoch"), "optimizer.steps_per_epoch"),
+    (lambda c: c.optimizer.update(epoch0_dips=100), "optimizer.steps_per_epoch"),
+    (lambda c: c.objective.update(negatives="globel"), "objective.negatives"),
+    (lambda c: c.objective.update(grounding_loss="l1"), "objective.grounding_loss"),
+    (lambda c: c.data.update(image_transform="pil"), "data.image_transform"),
+    (lambda c: c.data.update(image_crop_scale=(0.5, 1.2)), "data.image_crop_scale"),
 ])
 def test_bad_model_values_name_their_key(mutate, key):
   message = bad(mutate)

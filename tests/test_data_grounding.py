@@ -308,5 +308,5 @@ def test_tiny_grounding_training_steps_reduce_the_loss(refcoco):
   for _ in range(4):
     state, metrics = fn(state, batch)
     losses.append(float(metrics["loss"]))
-    assert bool(metrics["finite"]) and set(metrics) >= {"loss", "loss/answer"}
+    assert bool(metrics["finite"]) and set(metrics) >= {"loss", "loss/box"}
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses

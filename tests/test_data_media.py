@@ -298,3 +298,39 @@ def test_normalize_table_is_exact():
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
   wide = x.astype(np.int32) * 2 - 100  # no RandAugment: int32 outside [0, 255]
   np.testing.assert_array_equal(media.normalize(wide), media.normalize_reference(wide))
+
+
+def test_image_transforms_follow_pillow():
+  """The official image transforms (PIL images, ALBEF's RandomAugment): the test resize is
+  Pillow's bicubic (the video test resize is nearest); AutoContrast / Equalize give
+  PIL.ImageOps' bytes; Brightness at M = 7 scales by 1.36."""
+  from PIL import Image, ImageOps
+
+  rng = np.random.default_rng(0)
+  img = rng.integers(30, 200, (40, 52, 3), np.uint8)
+  img[:5] = rng.integers(0, 256, (5, 52, 3))
+  pil = Image.fromarray(img)
+  np.testing.assert_array_equal(media.image_eval_transform(img[None], 24)[0],
+                                np.asarray(pil.resize((24, 24), Image.BICUBIC)))
+  assert not np.array_equal(media.eval_transform(img[None], 24)[0],
+                            np.asarray(pil.resize((24, 24), Image.BICUBIC)))
+  np.testing.assert_array_equal(media._autocontrast(img), np.asarray(ImageOps.autocontrast(pil)))
+  np.testing.assert_array_equal(media._equalize(img), np.asarray(ImageOps.equalize(pil)))
+  np.testing.assert_array_equal(media._brightness(np.array([[[0, 100, 200]]], np.uint8), 1.36),
+                                [[[0, 136, 255]]])
+  out = media.image_train_transform(img[None], 24, np.random.default_rng(1))
+  assert out.shape == (1, 24, 24, 3) and out.dtype == np.uint8
+
+
+def test_video_pretraining_transform_one_crop_per_clip():
+  """Resize to int(1.14 size), RandAugment (+ HorizontalFlip), one RandomCrop for the clip."""
+  clip = demo.render_clip(np.random.default_rng(0), "red", "circle", "left", 64, 4)
+  a = media.pretrain_video_transform(clip, 32, np.random.default_rng(2))
+  np.testing.assert_array_equal(a, media.pretrain_video_transform(clip, 32,
+                                                                   np.random.default_rng(2)))
+  assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+  still = np.repeat(clip[:1], 3, axis=0)
+  out = media.pretrain_video_transform(still, 32, np.random.default_rng(3))
+  assert (out == out[0]).all()
+  flipped = media._affine_clip(still, "HorizontalFlip")
+  np.testing.assert_array_equal(flipped, still[:, :, ::-1])

@@ -84,6 +84,29 @@ def test_caption_and_retrieval_batches(data):
   assert b["text_ids"].shape == (4, 30) and b["image_ids"].shape == (4,)
 
 
+def test_pretrain_lm_targets_are_prompted_captions_ending_with_sep(data):
+  """Prefix-LM targets as the captioning task encodes them (M2 `video_caption_mplug2.py`):
+  prompt masked, caption, [SEP] (102) as the last target; "text" keeps [CLS] text only."""
+  b = next(it(config([data["video_retrieval"]], task="pretrain", max_caption_len=30),
+              "pretrain"))
+  labels = b["caption_labels"]
+  assert labels.shape == (4, 30) and (labels[:, :3] == -100).all()
+  for row, mask in zip(labels, b["caption_mask"]):
+    assert row[mask.sum() - 1] == 102 and (row[3:mask.sum()] != -100).all()
+  b = next(it(config([data["video_retrieval"]], task="pretrain", pretrain_lm_targets="text"),
+              "pretrain"))
+  assert "caption_ids" not in b
+
+
+def test_raw_questions_keep_their_case_and_punctuation(data):
+  """question_preprocess="raw" (M1 VQA): the question is tokenized as given; the BERT
+  uncased tokenizer still lower-cases, but "?" stays a token (pre_question drops it)."""
+  ids = [next(it(config([data["video_qa"]], question_preprocess=p)))["text_ids"]
+         for p in ("pre_question", "raw")]
+  qmark = 1029  # "?" in the uncased vocabulary
+  assert not (ids[0] == qmark).any() and (ids[1] == qmark).any()
+
+
 @pytest.mark.parametrize("task,dataset", [
     ("caption", "video_caption"), ("videoqa", "video_qa"), ("retrieval", "video_retrieval"),
     ("pretrain", "video_retrieval"), ("classification", "video_classification"),

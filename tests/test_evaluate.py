@@ -80,6 +80,7 @@ def test_vqa_answer_normalisation():
   assert n("dont know") == "don't know"
   assert n("yes.") == "yes"
   assert n("3.5") == "3.5"
+  assert n("5.") == "5"  # the script's pattern is a lookahead: a period before no digit goes
   assert n("1,000") == "1000"
   assert n("black/white") == "black white"
   assert n("were") == "were"  # ordinary words are not taken for contractions
@@ -92,9 +93,20 @@ def test_vqa_accuracy_by_hand():
   assert metrics.vqa_score("Red!", golds) == pytest.approx(0.6)  # normalised (disagreement)
   assert metrics.vqa_score("blue", golds) == pytest.approx(1.0)
   assert metrics.vqa_score("green", golds) == 0.0
-  # Official script: unanimous golds are compared without normalisation.
-  assert metrics.vqa_score("two", ["2"] * 10) == 0.0
-  assert metrics.vqa_score("two", ["2"] * 10, official=False) == 1.0
+  # M1's vqaEval (the default): the prediction is always normalised ("two" -> "2"); the
+  # golds' punctuation only when they disagree (unanimous "yes." stays "yes."), and the
+  # golds are never lower-cased.
+  assert metrics.vqa_score("two", ["2"] * 10) == 1.0
+  assert metrics.vqa_score("yes", ["yes."] * 10) == 0.0
+  assert metrics.vqa_score("yes", ["yes."] * 9 + ["no"]) == pytest.approx(1.0)
+  assert metrics.vqa_score("yes", ["Yes."] * 9 + ["no"]) == 0.0
+  # The original VQA API order: nothing normalised when the golds agree.
+  assert metrics.vqa_score("two", ["2"] * 10, normalization="disagree") == 0.0
+  assert metrics.vqa_score("two", ["2"] * 9 + ["3"], normalization="disagree") == 1.0
+  # Full normalisation on both sides.
+  assert metrics.vqa_score("yes", ["yes."] * 10, normalization="full") == 1.0
+  with pytest.raises(ValueError, match="vqa_normalization"):
+    metrics.vqa_score("x", ["x"], normalization="bad")
   assert metrics.vqa_score("two", ["two"] * 3 + ["2"] * 7) == pytest.approx(1.0)
   # Three matches out of 10: 7 subsets keep 3 (-> 1), 3 subsets keep 2 (-> 2/3): 0.9.
   assert metrics.vqa_score("cat", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(0.9)
@@ -158,6 +170,10 @@ def test_itm_rerank_shortlists_and_adds_itc():
   m = metrics.retrieval_metrics(t2v, np.arange(3), v2t)
   assert m["t2v_R1"] == pytest.approx(200 / 3)  # text 2 misses (video 2 not shortlisted)
   assert m["v2t_R1"] == 100.0
+  # M1 image retrieval: the shortlisted pairs scored by the ITM logit alone.
+  t2v, v2t = metrics.itm_rerank(sim, 2, itm, add_itc=False)
+  np.testing.assert_allclose(t2v[0], [10.0, 0.0, -100.0])
+  np.testing.assert_allclose(v2t[2], [-100.0, 0.0, 10.0])
 
 
 # ---- classification and grounding ----------------------------------------------------
@@ -490,5 +506,7 @@ def test_eval_configs_load_and_state_the_paper_number(path):
   config = module.get_config("size=tiny,data=/x,vocab=/v.txt")
   assert config.task in common.TASKS and config.data.mixture == (("/x", 1.0),)
   doc = module.__doc__
-  assert "[unverified]" in doc or all(
-      f"{v * (100 if k == 'CIDEr' else 1):.1f}" in doc for k, v in config.paper.items())
+  # A marked paper number (a string, e.g. "87.1 (multi-view)") states its number too.
+  number = lambda k, v: (v.split()[0] if isinstance(v, str)
+                         else f"{v * (100 if k == 'CIDEr' else 1):.1f}")
+  assert "[unverified]" in doc or all(number(k, v) in doc for k, v in config.paper.items())

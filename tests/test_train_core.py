@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mplug2_jax import experiment, sharding
+from mplug2_jax import config_lib, experiment, sharding
 from mplug2_jax.layers import losses
 from mplug2_jax.models import mplug2
 from mplug2_jax.models.mplug2 import objectives
 from mplug2_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib
-from conftest import dummy_batch
+from conftest import REPO, dummy_batch
 
 B = 8
 L = 6
@@ -164,6 +164,167 @@ def test_itm_loss_ignores_invalid_negatives():
   nll = lambda z, y: -(z[y] - np.log(np.exp(z).sum()))
   want = (nll(np.array([0.0, 2.0]), 1) + nll(np.array([1.0, -1.0]), 0)) / 2
   np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+# Local batches (official: each GPU's ITC keys / positives and ITM hard negatives are its
+# own rows; the all-gather only fills the queue).
+
+
+def test_local_itc_is_the_mean_of_each_devices_loss():
+  rng = np.random.default_rng(2)
+  e, q, b = 6, 5, 3
+  feats = [_unit(rng.normal(size=(2 * b, e))) for _ in range(4)]
+  qi, qt = _unit(rng.normal(size=(q, e))), _unit(rng.normal(size=(q, e)))
+  ids = np.array([0, 1, 0, 1, 4, 5])          # id 1 on both devices: not a positive across
+  qids = np.array([-100, 1, 7, 0, 5])
+  per_device = [_np_itc(*[f[g * b:(g + 1) * b] for f in feats], ids[g * b:(g + 1) * b],
+                        qi, qt, qids, 0.07, 0.4) for g in range(2)]
+  args = [jnp.asarray(f, jnp.float32) for f in feats]
+  local, (sim_i2t, _) = objectives.itc_loss(*args, ids, qi, qt, qids, 0.07, 0.4, groups=2)
+  np.testing.assert_allclose(float(local), np.mean(per_device), rtol=2e-5)
+  assert sim_i2t.shape == (2, b, b + q)
+  whole, _ = objectives.itc_loss(*args, ids, qi, qt, qids, 0.07, 0.4, groups=1)
+  assert abs(float(whole) - float(local)) > 1e-3
+
+
+def test_local_hard_negatives_on_a_2_device_mesh():
+  """On a 2-device mesh each device's hard negatives are drawn from its own rows, with the
+  official weights softmax(local sims) over the other-id rows, and no all-gather."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  rng = np.random.default_rng(3)
+  b, e, q = 4, 8, 6
+  feats = [_unit(rng.normal(size=(2 * b, e))).astype(np.float32) for _ in range(4)]
+  qi, qt = _unit(rng.normal(size=(q, e))), _unit(rng.normal(size=(q, e)))
+  ids = np.array([0, 1, 0, 3, 4, 4, 6, 7], np.int32)  # device 0: rows 0-3, device 1: 4-7
+  qids = np.full(q, -100, np.int32)
+
+  def step(key, img, txt, img_m, txt_m, ids):
+    loss, (s_i2t, s_t2i) = objectives.itc_loss(img, txt, img_m, txt_m, ids, qi, qt, qids,
+                                               0.1, 0.4, groups=2)
+    return loss, objectives.sample_hard_negatives(key, s_i2t, s_t2i,
+                                                  objectives.grouped(ids, 2))
+
+  mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+  rows = NamedSharding(mesh, P("data"))
+  fn = jax.jit(step, in_shardings=(None, rows, rows, rows, rows, rows))
+  args = (jax.random.key(0), *feats, ids)
+  assert "all-gather" not in fn.lower(*args).compile().as_text()
+  _, (neg_text, neg_image, valid_i, valid_t) = fn(*args)
+  assert neg_text.shape == (2, b) and bool(jnp.all(valid_i)) and bool(jnp.all(valid_t))
+  for neg in (np.asarray(neg_text), np.asarray(neg_image)):
+    assert neg.min() >= 0 and neg.max() < b                 # an index into its own rows
+    picked = ids.reshape(2, b)[np.arange(2)[:, None], neg]
+    assert not np.any(picked == ids.reshape(2, b))          # never a positive
+  # Sampling frequencies against the official weights, written out in numpy.
+  sims = np.stack([feats[0][g * b:(g + 1) * b] @ feats[3][g * b:(g + 1) * b].T / 0.1
+                   for g in range(2)])
+  same = ids.reshape(2, b)[:, :, None] == ids.reshape(2, b)[:, None, :]
+  w = np.exp(sims - sims.max(-1, keepdims=True))
+  w = np.where(same, 0.0, w / w.sum(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  n = 4000
+  draws = jax.vmap(lambda k: objectives.sample_hard_negatives(
+      k, jnp.asarray(sims), jnp.asarray(sims), jnp.asarray(ids.reshape(2, b)))[0])(
+          jax.random.split(jax.random.key(1), n))
+  freq = np.stack([(np.asarray(draws) == j).mean(0) for j in range(b)], axis=-1)
+  np.testing.assert_allclose(freq, w, atol=0.03)
+
+
+def test_alpha_ramp_over_epoch_0():
+  """Official `alpha * min(1, i / len(data_loader))` in epoch 0: by hand at 0, 5, 10, 25 of
+  a 10-iteration epoch; no ramp = alpha from the first step."""
+  got = [float(objectives.ramped_alpha(0.4, i, 10)) for i in (0, 5, 10, 25)]
+  assert got == pytest.approx([0.0, 0.2, 0.4, 0.4])
+  assert objectives.ramped_alpha(0.4, 3, 0) == 0.4
+  for name in ("pretrain", "retrieval"):
+    config = experiment.load(
+        f"{REPO}/configs/{name}.py:size=base,synthetic=1,train_examples=64000,epochs=3")
+    per_epoch = config_lib.steps_for_epochs(3, 64000, config.batch_size)[1]
+    assert config.objective.alpha_ramp_steps == per_epoch * config.optimizer.accum_steps
+    assert config.objective.negatives == "local" and config.objective.hard_negative_eps == 0
+
+
+def test_token_mean_per_device_then_averaged():
+  """Caption / MLM / LM reduction (official: PyTorch's mean on each device, averaged over
+  devices): device 0 has one target (loss -log 0.5), device 1 three (-log 0.25 each)."""
+  probs = np.full((4, 3, 4), 0.25, np.float32)
+  probs[0, 0] = [0.5, 0.5, 0.0, 0.0]
+  logits = jnp.log(jnp.asarray(probs) + 1e-30)
+  labels = jnp.asarray([[-100, 0, -100], [-100, -100, -100],
+                        [-100, 1, 2], [-100, 3, -100]])
+  per_device = objectives.caption_loss(logits, labels, groups=2)
+  np.testing.assert_allclose(float(per_device), (np.log(2) + np.log(4)) / 2, rtol=1e-5)
+  whole = objectives.caption_loss(logits, labels, groups=1)
+  np.testing.assert_allclose(float(whole), (np.log(2) + 3 * np.log(4)) / 4, rtol=1e-5)
+
+
+def _np_giou(a, b):
+  """DETR's generalized_box_iou of matching rows, corner boxes (numpy)."""
+  area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+  lt, rb = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
+  inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+  union = area(a) + area(b) - inter
+  lt, rb = np.minimum(a[:, :2], b[:, :2]), np.maximum(a[:, 2:], b[:, 2:])
+  hull = np.prod(np.clip(rb - lt, 0, None), axis=1)
+  return inter / union - (hull - union) / hull
+
+
+def test_grounding_loss_box_tokens_and_weights():
+  """M1 `model_grounding_mplug.py`: logits + (-10000 outside the box tokens), per-token CE,
+  weights |argmax box - target| clamped to [0, 5] and 1 - GIoU, and the official
+  `loss.view(bs, -1, 4) * l1 * giou.unsqueeze(1)` broadcast, mean; 4 bins here (ids 3-7)."""
+  first, bins, vocab = 3, 4, 10
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(2, 5, vocab)).astype(np.float32)
+  logits[:, :, 0] = 50.0                       # a non-box token wins the full vocabulary
+  logits[0, :4, first + 2] += 10.0             # row 0 predicts bins (2, 2, 2, 2)
+  labels = np.array([[-100, 5, 5, 4, 4], [-100, 3, 7, 6, 5]])
+  boxes = np.array([[0.5, 0.5, 0.25, 0.25], [0.1, 0.9, 0.6, 0.3]], np.float32)
+  _, l1, giou = objectives.grounding_weights(jnp.asarray(logits), jnp.asarray(boxes), first,
+                                             bins)
+  # By hand, row 0: predicted box (0.5, 0.5, 0.5, 0.5) = corners (.25, .25, .75, .75), the
+  # target's (.375, .375, .625, .625) inside it: IoU 0.0625 / 0.25, hull = union, GIoU 0.25.
+  np.testing.assert_allclose(np.asarray(l1)[0], [0, 0, 0.25, 0.25], atol=1e-6)
+  np.testing.assert_allclose(float(giou[0]), 0.75, rtol=1e-6)
+  # The numpy reference of the official expression.
+  masked = logits + np.where((np.arange(vocab) >= first) & (np.arange(vocab) <= first + bins),
+                             0.0, -10000.0)
+  shifted = masked[:, :-1]
+  lse = np.log(np.exp(shifted - shifted.max(-1, keepdims=True)).sum(-1)) + shifted.max(-1)
+  ce = lse - np.take_along_axis(shifted, labels[:, 1:, None], -1)[..., 0]       # (2, 4)
+  pred = (shifted.argmax(-1) - first) / bins
+  w_l1 = np.clip(np.abs(pred - boxes), 0, 5)
+  corners = lambda x: np.concatenate([x[:, :2] - x[:, 2:] / 2, x[:, :2] + x[:, 2:] / 2], 1)
+  w_giou = 1 - _np_giou(corners(pred), corners(boxes))
+  official = (ce.reshape(2, -1, 4) * w_l1 * w_giou[:, None]).mean()            # (2, 2, 4)
+  got = objectives.grounding_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(boxes),
+                                  "official", 1, first, bins)
+  np.testing.assert_allclose(float(got), official, rtol=1e-5)
+  per_box = objectives.grounding_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                      jnp.asarray(boxes), "per_box", 1, first, bins)
+  np.testing.assert_allclose(float(per_box), (ce * w_l1 * w_giou[:, None]).mean(), rtol=1e-5)
+  plain = objectives.grounding_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                    jnp.asarray(boxes), "unweighted", 1, first, bins)
+  np.testing.assert_allclose(float(plain), ce.mean(), rtol=1e-5)
+
+
+def test_mlm_soft_label_distillation():
+  """(1 - alpha) CE + alpha mean over the masked tokens of -sum softmax(momentum logits)
+  log_softmax(logits) (ALBEF's soft labels, over the vocabulary)."""
+  rng = np.random.default_rng(5)
+  logits, soft = rng.normal(size=(2, 3, 6)), rng.normal(size=(2, 3, 6))
+  labels = np.array([[-100, 2, 5], [1, -100, -100]])
+  log_softmax = lambda x: x - np.log(np.exp(x).sum(-1, keepdims=True))
+  valid = labels != -100
+  ce = -np.take_along_axis(log_softmax(logits), np.where(valid, labels, 0)[..., None], -1)[..., 0]
+  distill = -(np.exp(log_softmax(soft)) * log_softmax(logits)).sum(-1)
+  want = 0.6 * ce[valid].mean() + 0.4 * distill[valid].mean()
+  got = objectives.mlm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), 1,
+                            jnp.asarray(soft, jnp.float32), 0.4)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  plain = objectives.mlm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+  np.testing.assert_allclose(float(plain), ce[valid].mean(), rtol=1e-5)
 
 
 def test_mlm_masking_proportions():
@@ -327,20 +488,112 @@ def test_optimizer_lr_mult_decay_and_frozen():
   assert float(lr_fn(5)) == pytest.approx(0.01)
 
 
-def test_cosine_step_schedule_official_values():
+# A reference of the official schedules written from the official code (not from ours):
+# timm's CosineLRScheduler._get_lr as the official copy has it (warmup_prefix True,
+# cycle_limit 1), and the official training loops that step it.
+
+
+def _timm_lr(t, base, warmup_t, warmup_lr, min_lr, t_initial, prefix=True):
+  if t < warmup_t:
+    return warmup_lr + t * (base - warmup_lr) / warmup_t
+  if prefix:
+    t = t - warmup_t
+  cycle = t // t_initial
+  if cycle >= 1:
+    return min_lr
+  return min_lr + 0.5 * (base - min_lr) * (1 + np.cos(np.pi * (t - t_initial * cycle) / t_initial))
+
+
+def _official_finetune_lrs(iters, epochs, accum, step_size, warmup, base, warmup_lr, min_lr):
+  """lr of each optimizer step of M2 `video_{qa,caption}_mplug2.py`: the scheduler starts at
+  warmup_lr, the optimizer steps at every accum-th iteration, then the scheduler is stepped
+  with i // step_size (epoch 0, i % step_size == 0, i <= warmup * step_size) or the global
+  iteration; t_initial = epochs * iters - warmup."""
+  sched = lambda t: _timm_lr(t, base, warmup, warmup_lr, min_lr, epochs * iters - warmup)
+  lr, used = warmup_lr, []
+  for epoch in range(epochs):
+    for i in range(iters):
+      if (i + 1) % accum == 0:
+        used.append(lr)
+      if epoch == 0 and i % step_size == 0 and i <= warmup * step_size:
+        lr = sched(i // step_size)
+      else:
+        lr = sched(epoch * iters + i)
+  return np.array(used)
+
+
+def _official_pretrain_lrs(iters, epochs, step_size, warmup, base, warmup_lr, min_lr):
+  """lr of each iteration of the M1 / ALBEF loop with `sched: cosine` (t in epochs): the
+  scheduler is stepped with epoch + warmup before epochs >= 1, and after iterations of
+  epoch 0 with i // step_size (i % step_size == 0, i <= warmup * step_size)."""
+  sched = lambda t: _timm_lr(t, base, warmup, warmup_lr, min_lr, epochs)
+  lr, used = warmup_lr, []
+  for epoch in range(epochs):
+    if epoch > 0:
+      lr = sched(epoch + warmup)
+    for i in range(iters):
+      used.append(lr)
+      if epoch == 0 and i % step_size == 0 and i <= warmup * step_size:
+        lr = sched(i // step_size)
+  return np.array(used)
+
+
+def test_cosine_step_schedule_hand_values():
+  """The timm formula at chosen steps, by hand: warmup_prefix True (official) vs False."""
   o = optimizer.default_optimizer_config()
-  o.update(lr=1e-3, warmup_steps=10, warmup_lr=1e-5, min_lr=1e-6)
-  f = optimizer.cosine_step(1e-3, o, total_steps=110)  # t_initial = 100
+  o.update(lr=1e-3, warmup_steps=10, warmup_lr=1e-5, min_lr=1e-6, lr_lag=False)
+  f = optimizer.cosine_step(1e-3, o, total_steps=110)  # T = 100
   assert float(f(0)) == pytest.approx(1e-5)
   assert float(f(5)) == pytest.approx(1e-5 + 5 * (1e-3 - 1e-5) / 10)
-  # Official (warmup_prefix False): the cosine clock starts at t = 0, not at the warm-up end.
-  t = 50
-  assert float(f(t)) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + np.cos(np.pi * t / 100)))
-  assert float(f(100)) == pytest.approx(1e-6) and float(f(105)) == pytest.approx(1e-6)
-  o.warmup_prefix = True
+  # Official: the cosine runs over t - 10: base at the end of the warm-up, halfway at 60,
+  # min_lr only at t = 110.
+  assert float(f(10)) == pytest.approx(1e-3)
+  assert float(f(60)) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+  assert float(f(109)) > 1e-6 and float(f(110)) == pytest.approx(1e-6)
+  o.warmup_prefix = False  # the cosine clock over t: min_lr from t = 100 on
   g = optimizer.cosine_step(1e-3, o, total_steps=110)
-  assert float(g(10)) == pytest.approx(1e-3)
-  assert float(g(110)) == pytest.approx(1e-6)
+  assert float(g(50)) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+  assert float(g(100)) == pytest.approx(1e-6) and float(g(105)) == pytest.approx(1e-6)
+  # Scheduler lag (VideoQA): step k runs at sched(k - 1), step 0 at warmup_lr.
+  o.update(warmup_prefix=True, lr_lag=True)
+  h = optimizer.cosine_step(1e-3, o, total_steps=110)
+  assert [float(h(k)) for k in (0, 1, 11)] == pytest.approx([1e-5, 1e-5, 1e-3])
+
+
+@pytest.mark.parametrize("name,accum,dips", [("videoqa", 1, 0), ("caption", 2, 3)])
+def test_cosine_step_matches_the_official_loop(name, accum, dips):
+  """Every optimizer step of a small run against the official loop: VideoQA (lag), caption
+  (2 micro-batches per step, lr dips after every 3rd iteration of epoch 0)."""
+  iters, epochs, warmup = 20, 3, 4                   # warmup in iterations
+  want = _official_finetune_lrs(iters, epochs, accum, dips or 1, warmup, 2e-5, 1e-6, 1e-6)
+  o = optimizer.default_optimizer_config()
+  o.update(lr=2e-5, warmup_steps=warmup // accum, accum_steps=accum, epoch0_dips=dips,
+           steps_per_epoch=iters // accum)
+  f = optimizer.cosine_step(2e-5, o, total_steps=epochs * iters // accum)
+  got = np.array([float(f(k)) for k in range(len(want))])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  if dips:  # by hand: step 3 ends iteration 7, whose lr was set after iteration 6 (a
+    # multiple of 3): sched(6 // 3 = 2), half the warm-up, after step 2 ran at base.
+    assert got[3] == pytest.approx(1e-6 + 2 * (2e-5 - 1e-6) / 4)
+    assert got[2] == pytest.approx(2e-5) and got[4] > got[3]
+
+
+def test_cosine_epoch_matches_the_official_pretraining_loop():
+  """The pretraining `sched: cosine`: 3 warm-up stairs of 2 iterations, then a cosine per
+  epoch over 4 epochs, against the official loop at every iteration."""
+  iters, epochs, stair, warmup = 10, 4, 2, 3
+  want = _official_pretrain_lrs(iters, epochs, stair, warmup, 5e-5, 1e-6, 2e-6)
+  o = optimizer.default_optimizer_config()
+  o.update(schedule="cosine_epoch", lr=5e-5, warmup_steps=warmup, warmup_stair=stair,
+           epochs=epochs, steps_per_epoch=iters, min_lr=2e-6)
+  f = optimizer.make_schedule(5e-5, o, epochs * iters)
+  got = np.array([float(f(k)) for k in range(len(want))])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # By hand: iterations 3-4 on stair 1; the rest of epoch 0 at base; epoch 2 at
+  # cos(pi 2 / 4), i.e. halfway.
+  assert got[3] == got[4] == pytest.approx(1e-6 + (5e-5 - 1e-6) / 3)
+  assert got[9] == pytest.approx(5e-5)
+  assert got[25] == pytest.approx(2e-6 + 0.5 * (5e-5 - 2e-6))
 
 
 def test_global_norm_clipping():

@@ -1,6 +1,8 @@
 r"""Flickr30K (1k test) image-text retrieval: R@1/5/10 [unverified] (paper's table).
 
-Every caption of each image (eval.all_texts).
+Every caption of each image (eval.all_texts). As M1's image retrieval: ITM re-ranks the
+ITC top 256 (`k_test: 256`, M1 `configs/retrieval_flickr30k_mplug_large.yaml:18`) and the
+re-ranked score is the ITM logit alone (M1 `retrieval_img_mplug.py:153-154,173-174`).
 Spec: shared/spec/mplug2.md sections 6 and 14.
 
 Command:
@@ -15,4 +17,4 @@ def get_config(arg=None):
   return experiment.eval_experiment(
       "retrieval", arg, paper={},
       data=dict(text_words=30, max_text_len=30, repeat_images=True),
-      settings=dict(retrieval_k=128, all_texts=True))
+      settings=dict(retrieval_k=256, rerank_add_itc=False, all_texts=True))

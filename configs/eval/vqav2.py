@@ -1,6 +1,10 @@
-r"""VQAv2 test-dev: 79.3 appears in one third-party aggregator, not confirmed [unverified].
+r"""VQAv2 test-dev: the paper's number [unverified] (79.3 appears in one third-party
+aggregator, not confirmed, so no paper number is printed beside ours).
 
-Writes vqa_result.json for EvalAI; local VQA accuracy needs eval.gold_file (val annotations).
+As M1's VQA (datasets.md 3.4): questions used raw (`pre_question` commented out, M1
+`dataset/vqa_dataset.py`), up to 80 tokens; images through the official image test transform
+(bicubic resize) as 16-frame clips. Writes vqa_result.json for EvalAI; local VQA accuracy
+needs eval.gold_file (val annotations) and normalises as M1's `vqaTools/vqaEval.py:86-96`.
 Spec: shared/spec/mplug2.md sections 6 and 14.
 
 Command:
@@ -13,6 +17,6 @@ from mplug2_jax import experiment
 
 def get_config(arg=None):
   return experiment.eval_experiment(
-      "videoqa", arg, paper={'vqa_accuracy': 79.3},
-      data=dict(question_words_eval=50, max_question_len=80, repeat_images=True),
-      settings=dict(qa_metric='vqa', submission=True, gold_file=''))
+      "videoqa", arg, paper={},
+      data=dict(question_preprocess="raw", max_question_len=80, repeat_images=True),
+      settings=dict(qa_metric='vqa', vqa_normalization="m1", submission=True, gold_file=''))

@@ -17,6 +17,18 @@ from __future__ import annotations
 
 import ml_collections
 
+from mplug2_jax import config_lib
+
+# Values of the enumerated `config.data` keys (the transforms' docstrings in media.py).
+CHOICES = {
+    "video_transform": ("finetune", "pretrain"),
+    "image_transform": ("image", "video"),
+    "video_eval_resize": ("nearest", "bicubic"),
+    "bicubic_rounding": ("truncate", "round"),
+    "pretrain_lm_targets": ("caption", "text"),
+    "question_preprocess": ("pre_question", "raw"),
+}
+
 
 def default_data_config() -> ml_collections.ConfigDict:
   """`config.data` with every key the pipeline reads, its default and meaning."""
@@ -37,22 +49,48 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.image_size = 0              # 0 = model.image_size (official: 224)
   d.repeat_images = False       # False: an image is one frame (T=1); True: repeated to
                                 # num_frames (official image-as-video; needed to mix with video)
-  d.randaug = True              # TemporalConsistentRandomAugment(2, 5) (official --no_randaug off)
-  d.crop_scale = (0.5, 1.0)     # RandomResizedCrop scale range
+  d.randaug = True              # RandAugment: videos TemporalConsistentRandomAugment(2, 5),
+                                # images RandomAugment(2, 7) (official; --no_randaug off)
+  d.crop_scale = (0.5, 1.0)     # video RandomResizedCrop scale range (fine-tuning)
   d.hflip = True                # random horizontal flip p 0.5 (official); False when the
                                 # text names left / right (the demo's motion captions)
+  d.video_transform = "finetune"  # training clips: "finetune" (RandomResizedCrop, flip,
+                                # RandAugment) | "pretrain" (official video pretraining:
+                                # resize 1.14x, RandAugment with HorizontalFlip, RandomCrop)
+  d.image_transform = "image"   # still images (image files): "image" = the official image
+                                # transforms (train: Pillow-bicubic RandomResizedCrop
+                                # `image_crop_scale`, flip, RandomAugment(2, 7) with
+                                # AutoContrast / Equalize; test: bicubic resize); "video" =
+                                # the video transforms above, as a one-frame clip
+  d.image_crop_scale = (0.5, 1.0)  # image RandomResizedCrop scale (official fine-tuning;
+                                # image pretraining (0.2, 1.0))
+  d.video_eval_resize = "nearest"  # official video test resize; "bicubic" = corrected
+  d.bicubic_rounding = "truncate"  # official `.long()` of the bicubic crop (out-of-range
+                                # values kept, wrapping mod 256 in RandAugment's uint8 cast);
+                                # "round" = rounded and clamped to [0, 255]
+  d.clamp_uint8 = False         # image RandomAugment: official uint8 cast of Sharpness wraps
+                                # out-of-range values; True clamps them
   # Captioning (spec mplug2.md 6.1; defaults reproduce the official behaviour exactly).
   d.caption_prompt = "a video of"
   d.caption_prompt_join = ""    # official: no space ("a video ofa man..."); " " = intended
   d.caption_off_by_one = True   # official: prompt_length = len([CLS] prompt) - 1
   d.caption_words = 80          # pre_caption word limit
   d.max_caption_len = 20        # tokens incl. [CLS]; a long caption loses its [SEP]
+  # Pretraining prefix-LM (spec 13.2(4); M2 `video_caption_mplug2.py:70-73`).
+  d.pretrain_lm_targets = "caption"  # "caption": decoder targets = caption_prompt + caption
+                                # + [SEP] (the caption encoding above, prompt masked, at
+                                # max_caption_len); "text": [CLS] text as ITC sees it
   # Video QA (spec 6.2, 7).
+  d.question_preprocess = "pre_question"  # official video QA: pre_question (lower case,
+                                # punctuation removed, word limit); "raw": the question as
+                                # given (M1 VQA: pre_question commented out)
   d.question_words_train = 30   # pre_question word limits
   d.question_words_eval = 50
   d.max_question_len = 50       # tokens (official max_input_length with add_ocr)
   d.max_answer_len = 10         # tokens of "[CLS] answer [SEP]" (official: not truncated)
-  d.answers_per_question = 1    # static answer rows per question; extra rows weight 0
+  d.answers_per_question = 1    # static answer rows per question; extra rows weight 0; a
+                                # question with more answers keeps the heaviest (VQAv2: 10,
+                                # every distinct answer with its weight, as M1)
   # Retrieval / pre-training / grounding.
   d.text_words = 30             # pre_caption word limit (image retrieval 30, MSRVTT 40);
                                 # grounding expressions are only lower-cased (not used)
@@ -82,3 +120,14 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.num_workers = 0             # Grain worker processes (mp_prefetch); 0 = in-process
   d.per_worker_buffer_size = 2  # batches buffered per worker
   return d
+
+
+def validate(d: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first enumerated `config.data` key with a bad value."""
+  for key, allowed in CHOICES.items():
+    config_lib.check(d[key] in allowed, f"data.{key}", d[key],
+                     f"must be one of {allowed}{config_lib.did_you_mean(str(d[key]), allowed)}")
+  for key in ("crop_scale", "image_crop_scale"):
+    lo, hi = (tuple(d[key]) + (None, None))[:2]
+    config_lib.check(len(tuple(d[key])) == 2 and 0 < lo <= hi <= 1, f"data.{key}", d[key],
+                     "must be (low, high) with 0 < low <= high <= 1")

@@ -37,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mplug2_jax import tokens
 from mplug2_jax.data import media
 from mplug2_jax.data import text as text_lib
 
@@ -108,6 +109,12 @@ def token_ids(tok) -> tuple[int, np.ndarray]:
   """(prefix id, int32 (NUM_COORD_TOKENS,) ids of the coordinate tokens, index = bin)."""
   coords = np.array([token_id(tok, coordinate_token(q)) for q in range(NUM_COORD_TOKENS)],
                     np.int32)
+  # The training loss restricts the logits to this id range (models/mplug2/objectives.py).
+  want = np.arange(tokens.BERT_BOX_FIRST_ID, tokens.BERT_BOX_FIRST_ID + NUM_COORD_TOKENS)
+  if not np.array_equal(coords, want):
+    raise ValueError(f"the vocabulary's box tokens {coordinate_token(0)}.."
+                     f"{coordinate_token(BINS)} are not ids {want[0]}..{want[-1]} of the BERT "
+                     "uncased vocab.txt")
   return token_id(tok, PREFIX_TOKEN), coords
 
 

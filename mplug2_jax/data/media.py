@@ -279,6 +279,12 @@ def resize_bicubic_trunc(clip: np.ndarray, out_h: int, out_w: int) -> np.ndarray
   reference except for pixels whose exact value is an integer or within float32 rounding of
   one, where summation order decides the truncation (+-1; see tests/test_data_media.py).
   """
+  # Frame by frame (`resize_bicubic_trunc_float`): one float frame stays in cache.
+  return resize_bicubic_trunc_float(clip, out_h, out_w).astype(np.int32)  # `.long()`
+
+
+def resize_bicubic_trunc_float(clip: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """`resize_bicubic_trunc` before the truncation: float32 (T, out_h, out_w, C)."""
   cv2 = _cv2()
   t, _, _, c = clip.shape
   out = np.empty((t, out_h, out_w, c), np.float32)
@@ -286,12 +292,11 @@ def resize_bicubic_trunc(clip: np.ndarray, out_h: int, out_w: int) -> np.ndarray
   cv2.ipp.setUseIPP(RESIZE_USE_IPP)
   try:
     for i in range(t):
-      # Frame by frame: the float copy of one frame stays in cache for the resize.
       cv2.resize(clip[i].astype(np.float32), (out_w, out_h), dst=out[i],
                  interpolation=cv2.INTER_CUBIC)
   finally:
     cv2.ipp.setUseIPP(ipp)
-  return out.astype(np.int32)  # float -> int casts truncate toward zero, like `.long()`
+  return out
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -361,7 +366,15 @@ def _official_matrix(op: str, h: int, w: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _warp_grid(op: str, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-  """The sampling grid of OpenCV 4.x `warpAffine(INTER_LINEAR)` for the official matrix.
+  """`_matrix_grid` of the video RandAugment op `op` (the official matrix)."""
+  return _matrix_grid(tuple(np.asarray(_official_matrix(op, h, w), np.float64).reshape(6)),
+                      h, w)
+
+
+@functools.lru_cache(maxsize=256)
+def _matrix_grid(matrix: tuple[float, ...], h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+  """The sampling grid of OpenCV 4.x `warpAffine(INTER_LINEAR)` for the forward 2x3 matrix
+  `matrix` (row-major, 6 values).
 
   OpenCV 4.x inverts the matrix in double, rounds source coordinates to 1/1024 px, then to
   1/32 px, and interpolates with 15-bit fixed-point weights (`remap` with a CV_16SC2
@@ -370,7 +383,7 @@ def _warp_grid(op: str, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
   `cv2.remap` on this grid gives OpenCV 4.x's bytes (checked against 4.8.1), on any SIMD
   level. Returns (xy int16 (h, w, 2), fraction index uint16 (h, w)), read-only.
   """
-  m = np.asarray(_official_matrix(op, h, w), np.float64).reshape(6)
+  m = np.asarray(matrix, np.float64)
   det = m[0] * m[4] - m[1] * m[3]
   det = 1.0 / det if det != 0 else 0.0
   a, b, c, d = m[4] * det, -m[1] * det, -m[3] * det, m[0] * det  # inverse linear part
@@ -390,10 +403,10 @@ def _warp_grid(op: str, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
   return xy, frac
 
 
-def _affine_clip(clip: np.ndarray, op: str) -> np.ndarray:
-  """One geometric RandAugment op on every frame of a uint8 (T, H, W, 3) clip."""
+def _warp(clip: np.ndarray, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+  """Every frame of a uint8 (T, H, W, 3) clip through the OpenCV 4.x warp `grid`, fill 128."""
   cv2 = _cv2()
-  xy, frac = _warp_grid(op, clip.shape[1], clip.shape[2])
+  xy, frac = grid
   out = np.empty_like(clip)
   for i in range(clip.shape[0]):
     cv2.remap(clip[i], xy, frac, cv2.INTER_LINEAR, dst=out[i],
@@ -401,28 +414,51 @@ def _affine_clip(clip: np.ndarray, op: str) -> np.ndarray:
   return out
 
 
+def _affine_clip(clip: np.ndarray, op: str) -> np.ndarray:
+  """One geometric RandAugment op on every frame of a uint8 (T, H, W, 3) clip."""
+  if op == "HorizontalFlip":
+    return np.ascontiguousarray(clip[:, :, ::-1])
+  return _warp(clip, _warp_grid(op, clip.shape[1], clip.shape[2]))
+
+
 def _affine(frame: np.ndarray, op: str) -> np.ndarray:
   """One RandAugment op at M = 5 (positive sign, fill 128) on a uint8 (H, W, 3) frame."""
   return _affine_clip(frame[None], op)[0]
 
 
-def temporal_random_augment(clip: np.ndarray, rng: np.random.Generator, n: int = 2) -> np.ndarray:
+def temporal_random_augment(clip: np.ndarray, rng: np.random.Generator, n: int = 2,
+                            ops: tuple[str, ...] = RANDAUG_OPS) -> np.ndarray:
   """TemporalConsistentRandomAugment(N=2, M=5): two distinct ops, same for every frame.
 
   At M = 5 Contrast/Brightness/Sharpness have factor 1.0 and are no-ops, like Identity.
   Geometry is the official OpenCV bilinear warp with fill 128, byte for byte as OpenCV 4.x
-  computes it (`_warp_grid`).
+  computes it (`_warp_grid`). The video pretraining list adds "HorizontalFlip" (every frame
+  mirrored) [its implementation in `randaugment_video.py` is unverified].
   """
-  ops = rng.choice(len(RANDAUG_OPS), size=n, replace=False)
-  for op in (RANDAUG_OPS[i] for i in ops):
+  chosen = rng.choice(len(ops), size=n, replace=False)
+  for op in (ops[i] for i in chosen):
     if op in ("Identity", "Contrast", "Brightness", "Sharpness"):
       continue
     clip = _affine_clip(np.ascontiguousarray(clip), op)
   return clip
 
 
+ROUNDINGS = ("truncate", "round")
+
+
+def _to_pixels(x: np.ndarray, rounding: str) -> np.ndarray:
+  """Resized float pixels -> int32: official `.long()` truncation toward zero, values
+  outside [0, 255] kept ("truncate"), or rounded and clamped to [0, 255] ("round")."""
+  if rounding == "truncate":
+    return x.astype(np.int32)  # float -> int casts truncate toward zero, like `.long()`
+  if rounding == "round":
+    return np.clip(np.rint(x), 0, 255).astype(np.int32)
+  raise ValueError(f"config.data.bicubic_rounding={rounding!r}: one of {ROUNDINGS}")
+
+
 def train_transform(clip: np.ndarray, size: int, rng: np.random.Generator,
-                    randaug: bool = True, scale=(0.5, 1.0), hflip: bool = True) -> np.ndarray:
+                    randaug: bool = True, scale=(0.5, 1.0), hflip: bool = True,
+                    rounding: str = "truncate") -> np.ndarray:
   """RandomResizedCrop (bicubic, truncation) -> flip p 0.5 -> RandAugment -> int32 clip.
 
   `hflip` False skips the flip (text that names left and right would be mislabelled);
@@ -430,9 +466,14 @@ def train_transform(clip: np.ndarray, size: int, rng: np.random.Generator,
 
   With RandAugment the clip is cast to uint8 first, so out-of-range bicubic values wrap
   around as in the official `.astype(np.uint8)`; without it they are kept as they are.
+  `rounding="round"` rounds and clamps the resized pixels instead (no wrap-around).
   """
   top, left, ch, cw = random_resized_crop_box(clip.shape[1], clip.shape[2], rng, scale)
-  out = resize_bicubic_trunc(clip[:, top:top + ch, left:left + cw], size, size)
+  crop = clip[:, top:top + ch, left:left + cw]
+  if rounding == "truncate":
+    out = resize_bicubic_trunc(crop, size, size)
+  else:
+    out = _to_pixels(resize_bicubic_trunc_float(crop, size, size), rounding)
   if rng.random() < 0.5 and hflip:
     out = out[:, :, ::-1]
   if randaug:
@@ -440,9 +481,175 @@ def train_transform(clip: np.ndarray, size: int, rng: np.random.Generator,
   return out
 
 
-def eval_transform(clip: np.ndarray, size: int) -> np.ndarray:
-  """Resize to size x size with nearest neighbour (aspect ratio not kept, no crop)."""
-  return resize_nearest(clip, size, size)
+def pretrain_video_transform(clip: np.ndarray, size: int, rng: np.random.Generator,
+                             randaug: bool = True) -> np.ndarray:
+  """Official video pretraining transform (M2 `dataset/__init__.py:45-53`): resize to
+  int(1.14 size) square (the video `Resize` default, nearest), TemporalConsistent
+  RandAugment(2, 5) over the nine ops + HorizontalFlip, RandomCrop(size) (one offset for
+  the clip) -> uint8 clip."""
+  big = int(size * 1.14)
+  out = resize_nearest(clip, big, big)
+  if randaug:
+    out = temporal_random_augment(np.ascontiguousarray(out, np.uint8), rng,
+                                  ops=RANDAUG_OPS + ("HorizontalFlip",))
+  top = int(rng.integers(0, big - size + 1))
+  left = int(rng.integers(0, big - size + 1))
+  return np.ascontiguousarray(out[:, top:top + size, left:left + size])
+
+
+def eval_transform(clip: np.ndarray, size: int, resize: str = "nearest") -> np.ndarray:
+  """Resize to size x size (aspect ratio not kept, no crop): official nearest neighbour
+  (the video `Resize` default, M2 `dataset/__init__.py:71-75`), or "bicubic" (torch's
+  bicubic, rounded and clamped)."""
+  if resize == "nearest":
+    return resize_nearest(clip, size, size)
+  if resize == "bicubic":
+    return _to_pixels(resize_bicubic_trunc_float(clip, size, size), "round").astype(np.uint8)
+  raise ValueError(f"config.data.video_eval_resize={resize!r}: 'nearest' or 'bicubic'")
+
+
+# --------------------------------------------------------------------------------------
+# Image transforms (official image loaders, M2 `dataset/__init__.py:23-43`; PIL + ALBEF's
+# `RandomAugment`).
+# --------------------------------------------------------------------------------------
+
+IMAGE_RANDAUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
+                     "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+_IMAGE_MAX_LEVEL = 10
+
+
+def _pil_bicubic(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """Pillow's BICUBIC resize (antialiased, rounded to uint8): torchvision's `Resize` /
+  `RandomResizedCrop(interpolation=BICUBIC)` on a PIL image."""
+  from PIL import Image
+
+  return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
+      (out_w, out_h), Image.BICUBIC))
+
+
+def _wrap_uint8(x: np.ndarray, clamp: bool) -> np.ndarray:
+  """float -> uint8 as `.astype(np.uint8)` behaves on x86 (truncation, then modulo 256), or
+  clamped to [0, 255] first (`clamp`)."""
+  if clamp:
+    return np.clip(x, 0, 255).astype(np.uint8)
+  return (np.trunc(x).astype(np.int64) % 256).astype(np.uint8)
+
+
+def _autocontrast(img: np.ndarray) -> np.ndarray:
+  """Per channel, [min, max] stretched to [0, 255] (PIL `autocontrast`, cutoff 0)."""
+  out = np.empty_like(img)
+  for ch in range(img.shape[-1]):
+    x = img[..., ch]
+    low, high = int(x.min()), int(x.max())
+    if high <= low:
+      out[..., ch] = x
+      continue
+    scale = 255.0 / (high - low)
+    table = np.clip(np.arange(256) * scale - low * scale, 0, 255).astype(np.uint8)
+    out[..., ch] = table[x]
+  return out
+
+
+def _equalize(img: np.ndarray) -> np.ndarray:
+  """Per channel, PIL's `equalize`: step = (pixels - the last non-empty bin's) // 255; bin
+  v -> (step // 2 + pixels below v) // step; a channel with step 0 is kept."""
+  out = np.empty_like(img)
+  for ch in range(img.shape[-1]):
+    x = img[..., ch]
+    hist = np.bincount(x.reshape(-1), minlength=256)
+    nonzero = hist[hist != 0]
+    step = int(nonzero[:-1].sum()) // 255
+    if step == 0:
+      out[..., ch] = x
+      continue
+    below = np.concatenate([[step // 2], hist[:-1]])
+    out[..., ch] = np.clip(np.cumsum(below) // step, 0, 255).astype(np.uint8)[x]
+  return out
+
+
+def _brightness(img: np.ndarray, factor: float) -> np.ndarray:
+  table = np.clip(np.arange(256, dtype=np.float32) * np.float32(factor), 0, 255).astype(np.uint8)
+  return table[img]
+
+
+def _sharpness(img: np.ndarray, factor: float, clamp: bool) -> np.ndarray:
+  """Blend with the 3x3 smoothing (1 1 1 / 1 5 1 / 1 1 1) / 13 inside a 1-pixel border."""
+  if factor == 1.0:
+    return img
+  kernel = np.ones((3, 3), np.float32)
+  kernel[1, 1] = 5
+  degenerate = _cv2().filter2D(img, -1, kernel / 13)
+  if factor == 0.0:
+    return degenerate
+  out = img.astype(np.float32)
+  inner = degenerate.astype(np.float32)[1:-1, 1:-1]
+  out[1:-1, 1:-1] = inner + np.float32(factor) * (out[1:-1, 1:-1] - inner)
+  return _wrap_uint8(out, clamp)
+
+
+def image_random_augment(image: np.ndarray, rng: np.random.Generator, n: int = 2,
+                         magnitude: int = 7, ops: tuple[str, ...] = IMAGE_RANDAUG_OPS,
+                         clamp: bool = False) -> np.ndarray:
+  """ALBEF's `RandomAugment(N, M, isPIL=True, augs)` on a uint8 (H, W, 3) image.
+
+  N ops drawn **with** replacement, each applied with p 0.5; at level M of 10: Brightness
+  and Sharpness factor M / 10 x 1.8 + 0.1, Rotate M / 10 x 30 degrees, ShearX/Y M / 10 x
+  0.3, TranslateX/Y M px, each geometric op with a random sign, bilinear with fill 128
+  (OpenCV 4.x's bytes, `_matrix_grid`); AutoContrast and Equalize as PIL's. Sharpness
+  casts its float result with `.astype(np.uint8)` (wrap-around out of range; `clamp`
+  clamps instead).
+  """
+  h, w = image.shape[:2]
+  level = magnitude / _IMAGE_MAX_LEVEL
+  for op in (ops[i] for i in rng.choice(len(ops), size=n, replace=True)):
+    if rng.random() > 0.5:
+      continue
+    if op == "AutoContrast":
+      image = _autocontrast(image)
+    elif op == "Equalize":
+      image = _equalize(image)
+    elif op == "Brightness":
+      image = _brightness(image, level * 1.8 + 0.1)
+    elif op == "Sharpness":
+      image = _sharpness(image, level * 1.8 + 0.1, clamp)
+    elif op in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+      if op == "Rotate":  # a float64 matrix
+        v = level * 30 * (-1 if rng.random() < 0.5 else 1)
+        matrix = np.asarray(_cv2().getRotationMatrix2D((w / 2, h / 2), v, 1), np.float64)
+      else:  # float32 matrices, as the official np.float32([...])
+        v = level * (0.3 if op.startswith("Shear") else 10.0)
+        v = -v if rng.random() > 0.5 else v
+        matrix = np.asarray({"ShearX": [[1, v, 0], [0, 1, 0]], "ShearY": [[1, 0, 0], [v, 1, 0]],
+                             "TranslateX": [[1, 0, -v], [0, 1, 0]],
+                             "TranslateY": [[1, 0, 0], [0, 1, -v]]}[op],
+                            np.float32).astype(np.float64)
+      matrix = tuple(matrix.reshape(6).tolist())
+      image = _warp(np.ascontiguousarray(image)[None], _matrix_grid(matrix, h, w))[0]
+    elif op != "Identity":
+      raise ValueError(f"unknown image RandAugment op {op!r}; known: {IMAGE_RANDAUG_OPS}")
+  return image
+
+
+def image_train_transform(image: np.ndarray, size: int, rng: np.random.Generator,
+                          randaug: bool = True, scale=(0.5, 1.0), hflip: bool = True,
+                          clamp: bool = False) -> np.ndarray:
+  """Official image training transform on a uint8 (1, H, W, 3) image: RandomResizedCrop
+  (`scale`; Pillow bicubic) -> horizontal flip p 0.5 -> RandomAugment(2, 7) with
+  AutoContrast / Equalize -> uint8 (1, size, size, 3). Fine-tuning scale (0.5, 1), image
+  pretraining (0.2, 1) (M2 `dataset/__init__.py:23-38`)."""
+  top, left, ch, cw = random_resized_crop_box(image.shape[1], image.shape[2], rng, scale)
+  out = _pil_bicubic(image[0, top:top + ch, left:left + cw], size, size)
+  if rng.random() < 0.5 and hflip:
+    out = np.ascontiguousarray(out[:, ::-1])
+  if randaug:
+    out = image_random_augment(out, rng, clamp=clamp)
+  return out[None]
+
+
+def image_eval_transform(image: np.ndarray, size: int) -> np.ndarray:
+  """Official image test transform: Pillow bicubic resize to size x size (M2
+  `dataset/__init__.py:39-43`) -> uint8 (T, size, size, 3)."""
+  return np.stack([_pil_bicubic(f, size, size) for f in image])
 
 
 def normalize_reference(clip: np.ndarray) -> np.ndarray:

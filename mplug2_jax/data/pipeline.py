@@ -80,16 +80,29 @@ class Preprocessor:
     """Decoded, transformed, normalised clip."""
     fmt = _as_text(record["media_format"])
     window = (float(record["start_time"]), float(record["end_time"]))
+    c = self.c
     clip = media.decode(record["media"], fmt, self.num_frames,
                         "rand" if self.train else "middle", rng,
                         window if window[0] else None)
-    if clip.shape[0] == 1 and self.c.repeat_images:
+    if fmt.lower() in media.IMAGE_FORMATS and c.image_transform == "image":
+      # Official image transforms on the one image, then the image-as-video repetition.
+      if self.train:
+        clip = media.image_train_transform(clip, self.image_size, rng, c.randaug,
+                                           tuple(c.image_crop_scale), c.hflip, c.clamp_uint8)
+      else:
+        clip = media.image_eval_transform(clip, self.image_size)
+      if c.repeat_images:
+        clip = np.repeat(clip, self.num_frames, axis=0)
+      return media.normalize(clip)
+    if clip.shape[0] == 1 and c.repeat_images:
       clip = np.repeat(clip, self.num_frames, axis=0)
-    if self.train:
-      clip = media.train_transform(clip, self.image_size, rng, self.c.randaug,
-                                   tuple(self.c.crop_scale), self.c.hflip)
+    if self.train and c.video_transform == "pretrain":
+      clip = media.pretrain_video_transform(clip, self.image_size, rng, c.randaug)
+    elif self.train:
+      clip = media.train_transform(clip, self.image_size, rng, c.randaug,
+                                   tuple(c.crop_scale), c.hflip, c.bicubic_rounding)
     else:
-      clip = media.eval_transform(clip, self.image_size)
+      clip = media.eval_transform(clip, self.image_size, c.video_eval_resize)
     return media.normalize(clip)
 
   def grounding(self, record: dict, rng: np.random.Generator) -> dict[str, Any]:
@@ -155,7 +168,11 @@ class Preprocessor:
       meta["gold"] = [_as_text(t).lower() for t in record["texts"]]
     elif task == "videoqa":
       words = c.question_words_train if self.train else c.question_words_eval
-      question = self._cleaned(text_lib.pre_question, self._pick_text(record, rng), words)
+      question = self._pick_text(record, rng)
+      if c.question_preprocess == "pre_question":
+        question = self._cleaned(text_lib.pre_question, question, words)
+      elif not question.strip():
+        raise media.BadSample("empty_text", repr(question)[:60])
       ex["text_ids"], ex["text_mask"] = self.tok.encode_padded(question, c.max_question_len)
       answers = [_as_text(a) for a in record["answers"]]
       weights = [float(w) for w in record["answer_weights"]]
@@ -165,6 +182,12 @@ class Preprocessor:
       caption = self._cleaned(text_lib.pre_caption, self._pick_text(record, rng), c.text_words)
       ex["text_ids"], ex["text_mask"] = self.tok.encode_padded(caption, c.max_text_len)
       ex["image_ids"] = np.int32(record["group_id"])
+      if task == "pretrain" and c.pretrain_lm_targets == "caption":
+        # Prefix-LM targets: the caption as the captioning task encodes it (prompt + text
+        # + [SEP], the prompt masked), so the decoder learns to stop.
+        ex.update(text_lib.encode_caption(
+            self.tok, caption, prompt=c.caption_prompt, prompt_join=c.caption_prompt_join,
+            max_length=c.max_caption_len, off_by_one=c.caption_off_by_one))
     if task == "classification":
       ex["labels"] = np.int32(record["label"])
     ex["question_id"] = np.int32(record["question_id"])

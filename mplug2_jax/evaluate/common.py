@@ -54,10 +54,17 @@ def default_eval_config() -> ml_collections.ConfigDict:
   e.answer_list = None          # rank mode: path of a JSON {answer: index} (key order) or
                                 # [answer], or a list of answers
   e.k_test = 128                # rank mode: first-token shortlist size
+  e.count_first_token_twice = True  # rank mode: official `rank_answer` adds the first answer
+                                # token's log-probability twice (spec 6.2); False: once
+  e.vqa_normalization = "m1"    # vqa metric: m1 (M1 vqaEval: the prediction always
+                                # normalised) | disagree | full (evaluate/metrics.py)
   e.gold_file = ""              # vqa metric: JSON list of {question_id, answer: [10 answers]}
   e.submission = False          # also write [{question_id, answer}] (VQAv2 test-dev / EvalAI)
   # Retrieval.
-  e.retrieval_k = 128           # ITM re-ranking shortlist per text / per video (k_test)
+  e.retrieval_k = 128           # ITM re-ranking shortlist per text / per video (k_test;
+                                # M1: 256 for COCO and Flickr30K)
+  e.rerank_add_itc = True       # re-ranked score = ITM + ITC similarity (M1 video retrieval);
+                                # False: ITM alone (M1 image retrieval)
   e.itm = True                  # False: ITC similarities only (no re-ranking)
   e.itm_chunk = 64              # pairs per ITM call (static shape)
   e.all_texts = False           # every caption of each video (COCO / Flickr: 5 per image)

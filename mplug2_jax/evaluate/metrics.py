@@ -134,47 +134,52 @@ def _aligned(preds, golds) -> tuple[list, list]:
   return preds, golds
 
 
-# The VQA answer normalisation, written from the description of the official VQA evaluation
-# (Antol et al. 2015; visualqa.org/evaluation): punctuation handling, number words to
-# digits, articles dropped, apostrophe-less contractions restored, lower case.
+# The VQA answer normalisation of the VQA evaluation script (the copy M1 carries,
+# `vqaTools/vqaEval.py:68-132`): punctuation handling, number words to digits, articles
+# dropped, apostrophe-less contractions restored, lower case.
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                  "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9",
                  "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
+# The contractions the script restores. Their spellings with one apostrophe fewer are the
+# keys (a single contraction without its apostrophe, "dont"; a double one with either
+# apostrophe missing, "couldnt've" / "couldn'tve"). Contractions whose apostrophe-less form
+# is an ordinary word ("shed", "well", "its") are not in the list, nor the "I" forms (the
+# script's keys "Im", "Ive", "Id've" are capitalised and never meet lower-cased text).
 _CONTRACTION_LIST = (
     "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've "
-    "hasn't haven't he'd he'd've he'll he's how'd how'll how's i'd i'd've i'll i'm i've isn't "
-    "it'd it'd've it'll it's let's ma'am mightn't mightn't've might've mustn't must've "
-    "needn't not've o'clock oughtn't shan't she'd she'd've she'll she's should've shouldn't "
-    "shouldn't've that's there'd there'd've there're there's they'd they'd've they'll they're "
-    "they've wasn't we'd we'd've we'll we're we've weren't what'll what're what's what've "
-    "when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's "
-    "won't would've wouldn't wouldn't've y'all y'all'd've you'd you'd've you'll you're you've "
-    "someone'd someone'd've someone'll someone's somebody'd somebody'd've somebody'll "
-    "somebody's something'd something'd've something'll that'll that'd that'd've"
+    "hasn't haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am "
+    "mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't shan't "
+    "she'd've should've shouldn't shouldn't've somebody'd've somebody'll somebody's "
+    "someone'd someone'd've someone'll someone's something'd something'd've something'll "
+    "that's there'd there'd've there're there's they'd they'd've they'll they're they've "
+    "wasn't we'd've we've weren't what'll what're what's what've when's where'd where's "
+    "where've who'd who'd've who'll who's who've why'll why're why's won't would've "
+    "wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
 ).split()
-# "dont" -> "don't"; double contractions also from the half-apostrophe spellings.
-# Apostrophe-less forms that are ordinary words are left alone ("were", "well", "its", ...).
-_ORDINARY_WORDS = {"were", "well", "ill", "hell", "shell", "wed", "id", "its", "shed", "lets",
-                   "whore"}
 _CONTRACTIONS: dict[str, str] = {}
 for _c in _CONTRACTION_LIST:
-  if _c.replace("'", "") not in _ORDINARY_WORDS:
-    _CONTRACTIONS[_c.replace("'", "")] = _c
-  _parts = _c.split("'")
-  if len(_parts) == 3:  # couldn't've: also from "couldnt've" and "couldn'tve"
-    _CONTRACTIONS[_parts[0] + _parts[1] + "'" + _parts[2]] = _c
-    _CONTRACTIONS[_parts[0] + "'" + _parts[1] + _parts[2]] = _c
+  _at = [i for i, ch in enumerate(_c) if ch == "'"]
+  for _i in _at:  # one apostrophe removed (the only one, or either / any of several)
+    _CONTRACTIONS[_c[:_i] + _c[_i + 1:]] = _c
+# The script's irregular entries: one reversed ("somebody'd" -> "somebodyd") and the
+# leading-apostrophe forms.
+_CONTRACTIONS.update({"somebody'd": "somebodyd", "twas": "'twas", "ow's'at": "'ow's'at",
+                      "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at"})
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
                 "<", "@", "`", ",", "?", "!")
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
-_PERIOD_NOT_IN_NUMBER = re.compile(r"(?<!\d)\.(?!\d)")
+# The script's period pattern `(?!<=\d)(\.)(?!\d)` is a lookahead (not a lookbehind): every
+# period not followed by a digit goes, "5." included; `re.sub(..., re.UNICODE)` passes 32
+# as the count, so at most 32 of them.
+_PERIOD = re.compile(r"\.(?!\d)")
+_PERIOD_COUNT = 32
 
 
 def normalize_punctuation(text: str) -> str:
   """Each punctuation mark is deleted when it touches a space (or the text has a comma
-  between digits, "1,000"), else replaced by a space; periods are dropped unless they are
-  a decimal point."""
+  between digits, "1,000"), else replaced by a space; periods not followed by a digit
+  are dropped."""
   out = text
   has_digit_comma = _COMMA_BETWEEN_DIGITS.search(text) is not None
   for p in _PUNCTUATION:
@@ -182,7 +187,7 @@ def normalize_punctuation(text: str) -> str:
       out = out.replace(p, "")
     else:
       out = out.replace(p, " ")
-  return _PERIOD_NOT_IN_NUMBER.sub("", out)
+  return _PERIOD.sub("", out, count=_PERIOD_COUNT)
 
 
 def normalize_digits_articles(text: str) -> str:
@@ -193,30 +198,43 @@ def normalize_digits_articles(text: str) -> str:
 
 
 def normalize_vqa_answer(text: str) -> str:
-  """The full standard VQA answer normalisation."""
+  """The full VQA answer normalisation."""
   text = " ".join(text.replace("\n", " ").replace("\t", " ").split())
   return normalize_digits_articles(normalize_punctuation(text))
 
 
-def vqa_score(pred: str, gold_answers: Sequence[str], *, official: bool = True) -> float:
+# How the prediction and the human answers are normalised (`vqa_score`).
+VQA_NORMALIZATIONS = ("m1", "disagree", "full")
+
+
+def vqa_score(pred: str, gold_answers: Sequence[str], *, normalization: str = "m1") -> float:
   """VQA accuracy of one prediction in [0, 1] against the human answers (usually 10).
 
   For each of the leave-one-out subsets of the answers: min(1, #matches / 3); averaged.
-  `official=True` follows the official evaluation script's normalisation exactly: the
-  prediction is normalised (punctuation, digits, articles) and the golds' punctuation only,
-  and **only when the annotators disagree** (all-equal golds are compared raw).
-  `official=False` applies the full normalisation to both sides always.
+  `normalization`:
+    m1        the evaluator M1 carries (`vqaTools/vqaEval.py:86-96`): the prediction is
+              always normalised (punctuation, digits, articles, contractions); the human
+              answers' punctuation only, and only when they disagree
+    disagree  prediction and answers normalised only when the answers disagree (all-equal
+              answers are compared with the raw prediction): the original VQA API's order
+              [unverified here]
+    full      the full normalisation on both sides, always
   """
   golds = list(gold_answers)
   if not golds:
     raise ValueError("no gold answers")
-  pred = " ".join(pred.replace("\n", " ").replace("\t", " ").split())
-  if not official:
+  if normalization not in VQA_NORMALIZATIONS:
+    raise ValueError(f"eval.vqa_normalization={normalization!r}: one of {VQA_NORMALIZATIONS}")
+  pred = pred.replace("\n", " ").replace("\t", " ").strip()
+  disagree = len(set(golds)) > 1
+  if normalization == "full":
     pred = normalize_vqa_answer(pred)
     golds = [normalize_vqa_answer(g) for g in golds]
-  elif len(set(golds)) > 1:
-    pred = normalize_digits_articles(normalize_punctuation(pred))
-    golds = [normalize_punctuation(g) for g in golds]
+  else:
+    if normalization == "m1" or disagree:
+      pred = normalize_digits_articles(normalize_punctuation(pred))
+    if disagree:
+      golds = [normalize_punctuation(g) for g in golds]
   matches = [g == pred for g in golds]
   total = sum(matches)
   if len(golds) == 1:
@@ -224,12 +242,12 @@ def vqa_score(pred: str, gold_answers: Sequence[str], *, official: bool = True) 
   return float(np.mean([min(1.0, (total - m) / 3.0) for m in matches]))
 
 
-def vqa_accuracy(preds, golds, *, official: bool = True) -> float:
+def vqa_accuracy(preds, golds, *, normalization: str = "m1") -> float:
   """Mean VQA accuracy in % (`golds`: the list of human answers of each question)."""
   preds, golds = _aligned(preds, golds)
   if not preds:
     raise ValueError("no predictions to score")
-  return 100.0 * float(np.mean([vqa_score(p, g, official=official)
+  return 100.0 * float(np.mean([vqa_score(p, g, normalization=normalization)
                                 for p, g in zip(preds, golds)]))
 
 
@@ -308,8 +326,9 @@ def itm_rerank(sim_t2v: np.ndarray, k: int, itm_fn: ItmFn, *,
   """ALBEF / mPLUG re-ranking: per text the top-k videos by ITC similarity, per video the
   top-k texts, are re-scored by `itm_fn` (the ITM head's match logit); others get -100.
 
-  The new score is ITM + ITC similarity (`add_itc`, as ALBEF's and mPLUG's evaluation
-  add `topk_sim`), else ITM alone. Returns (scores_t2v (T, V), scores_v2t (V, T)).
+  The new score is ITM + ITC similarity (`add_itc`: mPLUG video retrieval,
+  M1 `retrieval_vid_mplug.py:97,117`, adds `topk_sim`), else ITM alone (M1 image retrieval,
+  `retrieval_img_mplug.py:153-154,173-174`). Returns (scores_t2v (T, V), scores_v2t (V, T)).
   `itm_fn` is called once per chunk of `chunk` pairs (default: all pairs at once); the
   last chunk is padded by repeating its first pair so every call has the same size.
   """

@@ -1,5 +1,6 @@
 """Retrieval: ITC features of every video and text, similarities, ITM re-ranking of the
-top `retrieval_k` per direction -> R@1/5/10, MedR, MeanR (both directions)."""
+top `retrieval_k` per direction (score ITM + ITC for video, ITM alone for images:
+`rerank_add_itc`) -> R@1/5/10, MedR, MeanR (both directions)."""
 
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def score(model_cfg, params, rows, feats, cfg, log):
     start = time.time()
     scores_t2v, scores_v2t = metrics.itm_rerank(
         sim, int(cfg.retrieval_k), lambda t, v: common.host_rows(itm_scores(params, t, v)),
-        chunk=int(cfg.itm_chunk))
+        add_itc=bool(cfg.rerank_add_itc), chunk=int(cfg.itm_chunk))
     log(f"[retrieval] ITM re-ranking of the top {cfg.retrieval_k} in {time.time() - start:.1f}s")
     out["itm"] = metrics.retrieval_metrics(scores_t2v, text_to_video, scores_v2t)
   final = dict(out["itm" if cfg.itm else "itc"])

@@ -78,7 +78,7 @@ def score(model_cfg, params, rows, extra, cfg, log):
     raise ValueError("no valid examples were evaluated")
   preds = [r["pred_answer"] for r in rows]
   if cfg.qa_metric == "vqa":
-    return rows, {"vqa_accuracy": metrics.vqa_accuracy(preds, vqa_golds(rows, cfg)),
-                  "num": len(rows)}
+    return rows, {"vqa_accuracy": metrics.vqa_accuracy(
+        preds, vqa_golds(rows, cfg), normalization=cfg.vqa_normalization), "num": len(rows)}
   golds = [r["gold_answer"][0] if r["gold_answer"] else "" for r in rows]
   return rows, {"accuracy": metrics.exact_match_accuracy(preds, golds), "num": len(rows)}

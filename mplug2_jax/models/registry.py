@@ -11,7 +11,11 @@ A family is a package under `models/` that exposes, as mPLUG-2 does
   init_batch(model_cfg)                  a zero batch for parameter init
   synthetic_batch(model_cfg, schema, rng)  random arrays of a schema
   build(model_cfg, *, deterministic, collect, use_cache)   the Flax module
-  objectives                             losses and state kept between steps
+  objectives                             losses and state kept between steps:
+                                         default_config, validate (optional), loss(model,
+                                         params, extra, batch, rng, c, *, iteration,
+                                         shards), init_extra, reset_momentum,
+                                         before_update, after_update (train/step.py)
   predict                                inference for the evaluators
   train_step_flops(config, shapes)       analytic FLOPs
   CONVERSION                             its conversion package, imported by name

@@ -16,12 +16,35 @@ temporal-adapter norms, `visn_emb_norm` / `visn_layer_norm` gains, the class/pos
 embeddings, latents and the ITC temperature; `decay_clip_norms=False` exempts every norm
 gain instead (the common modern choice).
 
-Schedule (`cosine_step`, timm `CosineLRScheduler` as the official factory builds it): for
-t < warmup: warmup_lr + t (base - warmup_lr) / warmup; then min_lr + (base - min_lr)
-(1 + cos(pi t' / T)) / 2 with T = total - warmup and t' = t (official `warmup_prefix`
-False: the cosine clock is not shifted by the warm-up) or t - warmup (`warmup_prefix`
-True), and min_lr once t' >= T. Each group has its own base (lr * mult) but the same
-warmup_lr and min_lr, as the official per-group schedule.
+Schedules (official `scheduler/cosine_lr.py` + `scheduler_factory.py`; spec sections 10,
+13.3). Both are the timm `CosineLRScheduler` the official factories build, with its
+`warmup_prefix=True` default (M2 `cosine_lr.py:36`, never overridden by
+`scheduler_factory.py:29-63`): sched(t) = warmup_lr + t (base - warmup_lr) / W for t < W,
+else min_lr + (base - min_lr) (1 + cos(pi (t - W) / T)) / 2, and min_lr once t - W >= T
+(`cycle_limit` 1). `warmup_prefix=False` drops the "- W" (the cosine clock then starts at
+t = 0 and sits at min_lr for the last W steps).
+
+  cosine_step   t counts iterations, T = total - W (the official
+                `num_iterations = epochs * iters - warmup`). The official scripts step the
+                scheduler *after* each iteration with that iteration's index, so the
+                optimizer step that ends iteration i uses sched(i - 1) (`lr_lag`; M2
+                `video_qa_mplug2.py:81-98`). With `accum_steps` A the schedule's units are
+                optimizer steps (W and T divided by A, as configs/caption.py sets them), and
+                optimizer step k ends iteration A k + A - 1: lag gives sched(k + 1 - 2 / A)
+                (k - 1 for A = 1, k for the caption's A = 2). `epoch0_dips` = S (official
+                caption: 100, `video_caption_mplug2.py:62-63,107-110`): in epoch 0 the
+                scheduler is stepped with i // S instead of i at iterations i that are
+                multiples of S up to W * S, so the next step runs at a warm-up value.
+  cosine_epoch  the pretraining `sched: cosine` (M1 `retrieval_img_mplug.py:43-44,77-78,396`,
+                `pretrain_mplug_large.yaml`): t counts epochs, T = `epochs`, W =
+                `warmup_steps` stairs. In epoch 0 the scheduler is stepped with i // S at
+                every S-th iteration (S = `warmup_stair`, official 100) up to W * S, so
+                iterations 100 s + 1 .. 100 (s + 1) run at sched(s) (the first 2,000
+                iterations climb 20 stairs) and the rest of epoch 0 at sched(W) = base;
+                epoch e >= 1 runs at sched(e + W) (stepped at the start of the epoch).
+
+Each group has its own base (lr * mult) but the same warmup_lr and min_lr, as the
+official per-group schedule.
 """
 
 from __future__ import annotations
@@ -54,11 +77,21 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
   o.b1 = 0.9                  # AdamW defaults (the YAML betas are not read officially)
   o.b2 = 0.999
   o.eps = 1e-8
-  o.schedule = "cosine_step"  # "cosine_step" | "constant"
-  o.warmup_steps = 200        # official warmup_epochs: 200 (iterations)
+  o.schedule = "cosine_step"  # "cosine_step" | "cosine_epoch" | "constant" (docstring)
+  o.warmup_steps = 200        # W: official warmup_epochs (cosine_step: 200 iterations;
+                              # cosine_epoch: 20 warm-up stairs)
   o.warmup_lr = 1e-6
   o.min_lr = 1e-6
-  o.warmup_prefix = False     # official False: cosine clock not shifted by the warm-up
+  o.warmup_prefix = True      # official (timm copy's default): the cosine runs over t - W
+                              # and reaches min_lr at the last step; False: over t
+  o.lr_lag = True             # official: the scheduler steps after the iteration, so step
+                              # k uses sched(k + 1 - 2 / accum_steps); False: sched(k)
+  o.epoch0_dips = 0           # official caption: 100 (dips to warm-up values in epoch 0);
+                              # 0 = none
+  o.steps_per_epoch = 0       # optimizer steps per epoch (cosine_epoch, epoch0_dips)
+  o.epochs = 0                # cosine_epoch: T in epochs (official `epochs`)
+  o.warmup_stair = 100        # cosine_epoch: iterations per warm-up stair (official
+                              # step_size 100)
   o.total_steps = 0           # optimizer steps of the run (0: config.total_steps)
   o.grad_clip_norm = 0.0      # global-norm clipping; 0 = none (official)
   o.accum_steps = 1           # micro-batches per optimizer step (official caption: 2)
@@ -101,20 +134,61 @@ def param_groups(params: Any, o: ml_collections.ConfigDict) -> dict[str, str]:
           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
+def _cosine(base: float, o: ml_collections.ConfigDict, warmup: float, t_initial: float,
+            t) -> jax.Array:
+  """sched(t) of the timm scheduler (module docstring), t a float array."""
+  warmup_lr, min_lr = float(o.warmup_lr), float(o.min_lr)
+  warm = warmup_lr + t * (base - warmup_lr) / max(warmup, 1e-12)
+  tc = t - warmup if o.warmup_prefix else t
+  cos = min_lr + 0.5 * (base - min_lr) * (1 + jnp.cos(math.pi * tc / t_initial))
+  cos = jnp.where(tc >= t_initial, min_lr, cos)
+  return jnp.where(t < warmup, warm, cos)
+
+
 def cosine_step(base: float, o: ml_collections.ConfigDict, total_steps: int) -> Callable:
-  """The official per-group schedule (see the module docstring)."""
-  warmup, warmup_lr, min_lr = int(o.warmup_steps), float(o.warmup_lr), float(o.min_lr)
+  """The official per-iteration schedule of one group (module docstring), as a function of
+  the optimizer step count."""
+  warmup = int(o.warmup_steps)
   t_initial = max(total_steps - warmup, 1)
+  accum = int(o.accum_steps)
+  dips, per_epoch = int(o.epoch0_dips), int(o.steps_per_epoch)
+  if dips and per_epoch <= 0:
+    raise ValueError("config.optimizer.epoch0_dips needs optimizer.steps_per_epoch > 0")
 
   def schedule(count):
-    t = jnp.asarray(count, jnp.float32)
-    warm = warmup_lr + t * (base - warmup_lr) / max(warmup, 1)
-    tc = t - warmup if o.warmup_prefix else t
-    cos = min_lr + 0.5 * (base - min_lr) * (1 + jnp.cos(math.pi * tc / t_initial))
-    cos = jnp.where(tc >= t_initial, min_lr, cos)
-    return jnp.where(t < warmup, warm, cos)
+    count = jnp.asarray(count, jnp.int32)
+    # The iteration whose scheduler step set this optimizer step's lr.
+    i = accum * count + (accum - 2 if o.lr_lag else 0)
+    i = jnp.maximum(i, 0)
+    if dips:
+      dip = (i < accum * per_epoch) & (i % dips == 0) & (i <= warmup * accum * dips)
+      i = jnp.where(dip, i // dips, i)
+    t = i.astype(jnp.float32) / accum
+    return _cosine(base, o, warmup, t_initial, t)
 
   return schedule
+
+
+def cosine_epoch(base: float, o: ml_collections.ConfigDict) -> Callable:
+  """The official per-epoch pretraining schedule of one group (module docstring)."""
+  per_epoch, epochs, stair = int(o.steps_per_epoch), int(o.epochs), int(o.warmup_stair)
+  warmup = int(o.warmup_steps)
+  if per_epoch <= 0 or epochs <= 0 or stair <= 0:
+    raise ValueError("config.optimizer.schedule='cosine_epoch' needs optimizer."
+                     "steps_per_epoch, epochs and warmup_stair > 0")
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.int32)
+    epoch = count // per_epoch
+    # Epoch 0: iteration n runs at the stair set after iteration n - 1.
+    stair_t = jnp.clip((count + stair - 1) // stair - 1, 0, warmup)
+    t = jnp.where(epoch == 0, stair_t, epoch + warmup).astype(jnp.float32)
+    return _cosine(base, o, warmup, epochs, t)
+
+  return schedule
+
+
+SCHEDULES = ("cosine_step", "cosine_epoch", "constant")
 
 
 def make_schedule(base: float, o: ml_collections.ConfigDict, total_steps: int) -> Callable:
@@ -122,7 +196,9 @@ def make_schedule(base: float, o: ml_collections.ConfigDict, total_steps: int) -
     return optax.constant_schedule(base)
   if o.schedule == "cosine_step":
     return cosine_step(base, o, total_steps)
-  raise ValueError(f"config.optimizer.schedule={o.schedule!r}: cosine_step | constant")
+  if o.schedule == "cosine_epoch":
+    return cosine_epoch(base, o)
+  raise ValueError(f"config.optimizer.schedule={o.schedule!r}: one of {SCHEDULES}")
 
 
 def make(o: ml_collections.ConfigDict, params: Any,

@@ -88,6 +88,8 @@ class TrainSetup:
           sharding.abstract_params(init_model, self.example_batch))
     self.tx, self.lr_fn = optimizer_lib.make(self.opt_config, self.abstract_params,
                                              int(config.total_steps))
+    # Local batches of the objectives (one per data x fsdp slice of the batch axis).
+    self.batch_shards = sharding.batch_ways(mesh, config)
     self.abstract_state = jax.eval_shape(self._init, jax.random.key_data(jax.random.key(0)))
     self.state_shardings = self._shardings(self.abstract_state)
     self._jitted_init = None

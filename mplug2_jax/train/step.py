@@ -4,7 +4,8 @@ One optimizer step per call, the objectives being the model family's (`objective
   1. rng = fold_in(state.rng, state.step)
   2. extra <- objectives.before_update (mPLUG-2: the momentum model's EMA)
   3. loss and gradients, averaged over `optimizer.accum_steps` micro-batches (a scan; the
-     batch is split strided so each device's rows stay on that device)
+     batch is split strided so each device's rows stay on that device); the objectives get
+     each micro-batch's iteration index and the number of local batches (`batch_shards`)
   4. AdamW update (parameter groups, schedule, clipping: optimizer.py)
   5. extra <- objectives.after_update with what the loss enqueued over the whole batch
      (mPLUG-2: ITC queues <- momentum features)
@@ -60,27 +61,31 @@ def make_train_step(setup: TrainSetup):
   """The un-jitted pure step for `setup` (see `JittedStep`)."""
   model, c, tx, objectives = setup.model, setup.objective, setup.tx, setup.objectives
   accum = int(setup.opt_config.accum_steps)
+  shards = setup.batch_shards
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     params = state.params
     extra = objectives.before_update(state.extra, params, c)
 
-    def loss_fn(p, micro, key):
-      return objectives.loss(model, p, extra, micro, key, c)
+    def loss_fn(p, micro, key, iteration):
+      return objectives.loss(model, p, extra, micro, key, c, iteration=iteration,
+                             shards=shards)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    first = state.step * accum  # the iteration (micro-batch) index of the run
     if accum == 1:
-      (_, (metrics, enqueued)), grads = grad_fn(params, batch, rng)
+      (_, (metrics, enqueued)), grads = grad_fn(params, batch, rng, first)
     else:
       def body(total, xs):
-        micro, key = xs
-        (_, (m, e)), g = grad_fn(params, micro, key)
+        micro, key, iteration = xs
+        (_, (m, e)), g = grad_fn(params, micro, key, iteration)
         return jax.tree.map(jnp.add, total, g), (m, e)
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       total, (metrics, enqueued) = jax.lax.scan(
-          body, zeros, (split_micro_batches(batch, accum), jax.random.split(rng, accum)))
+          body, zeros, (split_micro_batches(batch, accum), jax.random.split(rng, accum),
+                        first + jnp.arange(accum, dtype=state.step.dtype)))
       grads = jax.tree.map(lambda g: g / accum, total)
       metrics = jax.tree.map(lambda v: jnp.mean(v, axis=0), metrics)
       # Every micro-batch's enqueued rows, micro-batch-major (the queue's order of keys

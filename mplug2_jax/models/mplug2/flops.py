@@ -110,7 +110,7 @@ def _shape(shapes: Mapping[str, Sequence[int]], key: str):
 
 
 def forward_flops(m: ml_collections.ConfigDict, shapes: Mapping[str, Sequence[int]],
-                  queue_size: int = 0) -> tuple[float, float, float]:
+                  queue_size: int = 0, mlm_distill: bool = False) -> tuple[float, float, float]:
   """(trainable forward, patch-embedding forward, no-gradient forward) FLOPs."""
   task = m.task
   video = _shape(shapes, "video")
@@ -144,7 +144,10 @@ def forward_flops(m: ml_collections.ConfigDict, shapes: Mapping[str, Sequence[in
     train += fusion_flops(m, 3 * b, n, lt) + dense(3 * b, d, 2)  # ITM
     if task == "pretrain":
       train += text_flops(m, b, lt) + fusion_flops(m, b, n, lt) + lm_head(b * lt, m.text)
-      train += decoder_flops(m, b, lt, n)
+      _, lc = _shape(shapes, "caption_ids") or (b, lt)  # prefix-LM targets
+      train += decoder_flops(m, b, lc, n)
+      if mlm_distill:  # the momentum model's MLM logits on the masked text
+        frozen += text_flops(m, b, lt) + fusion_flops(m, b, n, lt) + lm_head(b * lt, m.text)
   return train, embed, frozen
 
 
@@ -152,5 +155,6 @@ def train_step_flops(config: ml_collections.ConfigDict,
                      shapes: Mapping[str, Sequence[int]]) -> float:
   """FLOPs of one optimizer step over the global batch `shapes` (see the module doc)."""
   queue = int(config.objective.queue_size) if "objective" in config else 0
-  train, embed, frozen = forward_flops(config.model, shapes, queue)
+  distill = bool(config.objective.get("mlm_distill", False)) if "objective" in config else False
+  train, embed, frozen = forward_flops(config.model, shapes, queue, distill)
   return 3.0 * train + 2.0 * embed + frozen

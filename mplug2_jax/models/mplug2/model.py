@@ -156,8 +156,10 @@ class Mplug2(nn.Module):
       out["itm_logits"] = self.itm_logits(fused_text)
     if task == "pretrain":
       out["mlm_logits"] = self.mlm_logits(fused_text)
-      # Prefix-LM: the decoder generates the text from the image (objectives.py).
-      out["logits"], dec_aux = self.decode(batch["text_ids"], batch["text_mask"], image,
+      # Prefix-LM: the decoder generates the caption (or the text) from the image
+      # (objectives.py).
+      lm = "caption" if "caption_ids" in batch else "text"
+      out["logits"], dec_aux = self.decode(batch[f"{lm}_ids"], batch[f"{lm}_mask"], image,
                                            image_mask)
       aux.update(dec_aux)
     if task in ("videoqa", "grounding"):

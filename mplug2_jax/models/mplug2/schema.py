@@ -7,7 +7,8 @@
                  answer_labels (B*K, max_answer_len); answer_question_index i32 (B*K,),
                  answer_weights f32 (B*K,); K = answers_per_question
   retrieval,     text_ids, text_mask (B, max_text_len); image_ids i32 (B,) (ITC pair ids)
-  pretrain, text
+  pretrain, text pretrain also caption_ids, caption_mask, caption_labels (B, max_caption_len)
+                 (the prefix-LM targets) unless data.pretrain_lm_targets = "text"
   grounding      text_ids, text_mask (B, max_text_len) = [CLS] expression [SEP];
                  boxes f32 (B, 4) (cx, cy, w, h) / S; answer_ids, answer_mask,
                  answer_labels (B, 5) = [unused339] + 4 box tokens (data/grounding.py),
@@ -64,6 +65,8 @@ def batch_schema(model_cfg: ml_collections.ConfigDict, data_cfg: ml_collections.
   elif task in ("retrieval", "pretrain", "text"):
     s.update(_text("text", b, d.max_text_len))
     s["image_ids"] = Field((b,), I32, "group")
+    if task == "pretrain" and d.get("pretrain_lm_targets", "caption") == "caption":
+      s.update(_text("caption", b, d.max_caption_len, labels=True))
   elif task == "classification":
     s["labels"] = Field((b,), I32, "class")
   s["question_id"] = Field((b,), I32, "id")

@@ -28,9 +28,11 @@ def lm_loss(logits: Array, labels: Array) -> Array:
   return losses.shifted_mean_loss(logits, labels)
 
 
-def loss(model, params, extra: dict, batch: dict, rng, c: ml_collections.ConfigDict):
-  """(loss, (metrics, enqueued=None)) for one (micro-)batch."""
-  del extra, c
+def loss(model, params, extra: dict, batch: dict, rng, c: ml_collections.ConfigDict, *,
+         iteration=None, shards: int = 1):
+  """(loss, (metrics, enqueued=None)) for one (micro-)batch; the token mean is over the
+  whole micro-batch (`iteration` and `shards`, the local batches, are not used)."""
+  del extra, c, iteration, shards
   out, _ = model.apply({"params": params}, batch, rngs={"dropout": rng})
   value = lm_loss(out["logits"], out["labels"])
   targets = jnp.sum(out["labels"][:, 1:] != -100)
