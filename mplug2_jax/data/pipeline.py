@@ -103,7 +103,7 @@ class Preprocessor:
     image = media.decode(record["media"], fmt, 1, "middle", None)[0]
     # Official: the expression is only lower-cased (no pre_caption cleaning).
     expression = self._pick_text(record, rng).lower()
-    if not expression.strip():
+    if text_lib.is_blank(expression):
       raise media.BadSample("empty_text", repr(expression)[:60])
     box = np.asarray(record["box"], np.float32)
     if self.train:
@@ -135,7 +135,7 @@ class Preprocessor:
 
   def _cleaned(self, fn, text: str, words: int) -> str:
     out = fn(text, words)
-    if not out.strip():
+    if text_lib.is_blank(out):
       raise media.BadSample("empty_text", repr(text)[:60])
     return out
 
@@ -197,19 +197,23 @@ class Preprocessor:
 
 
 class PreprocessedDataset(grain.MapDataset):
-  """parent[i] preprocessed with rng(seed, i); a bad record is replaced by the next ones.
+  """parent[i] preprocessed with rng(seed, i); a bad record is replaced by a later one.
 
-  The replacement is deterministic (records i+1, i+2, ... of the parent, each with its own
-  rng), so batch shapes hold and a resumed run sees the same samples. In evaluation the
-  replacement keeps the shapes but is marked `valid = 0`, so no metric counts it. Each
-  example carries the list of records skipped for it; `DataIterator` counts them.
+  The replacement is deterministic (each try with its own rng), so batch shapes hold and a
+  resumed run sees the same samples. In training the k-th try is parent[i + k * stride]
+  with stride = the batch size: a position of a later batch, so the replacement never
+  repeats a record of its own batch (it is an ordinary valid example there; the record
+  comes again, as itself, in that later batch). In evaluation (stride 1) the replacement
+  keeps the shapes but is marked `valid = 0`, so no metric counts it. Each example carries
+  the list of records skipped for it; `DataIterator` counts them.
   """
 
   def __init__(self, parent: grain.MapDataset, fn: Preprocessor, seed: int,
-               max_replacements: int, names: Sequence[str]):
+               max_replacements: int, names: Sequence[str], stride: int = 1):
     super().__init__(parent)
     self._fn, self._seed, self._max = fn, seed, max_replacements
     self._names = tuple(names)
+    self._stride = stride
 
   def __len__(self) -> int:
     return len(self._parent)
@@ -223,7 +227,7 @@ class PreprocessedDataset(grain.MapDataset):
     skipped, tried = [], []
     valid = 1
     for attempt in range(self._max + 1):
-      item = self._parent[(index + attempt) % len(self._parent)]
+      item = self._parent[(index + attempt * self._stride) % len(self._parent)]
       if item is None:  # eval padding beyond the end of the split
         item, valid = self._parent[0], 0
       source, record = item
@@ -245,7 +249,7 @@ class PreprocessedDataset(grain.MapDataset):
       ex[_BAD] = skipped
       ex[_META]["source"] = self._names[source]
       return ex
-    raise RuntimeError(f"{self._max + 1} consecutive bad records from position {index}: "
+    raise RuntimeError(f"{self._max + 1} bad records in a row for position {index}: "
                        + "; ".join(f"{r} ({why}: {d})" for r, why, d in tried))
 
 
@@ -422,7 +426,7 @@ def make_dataset(config_data: ml_collections.ConfigDict, *, split: str, batch_si
   fn = Preprocessor(c, task, train, num_frames, image_size, make_tokenizer(c))
   names = [records.find_dataset(p) for p in paths]
   ds = PreprocessedDataset(ds, fn, _stable_seed(seed, "augment", process_index),
-                           c.max_replacements, names)
+                           c.max_replacements, names, stride=local_batch if train else 1)
   ds = ds.batch(local_batch, drop_remainder=train,
                 batch_fn=Collate(process_index * local_batch))
   ids = ds.to_iter_dataset()
