@@ -201,9 +201,11 @@ class PreprocessedDataset(grain.MapDataset):
 
   The replacement is deterministic (each try with its own rng), so batch shapes hold and a
   resumed run sees the same samples. In training the k-th try is parent[i + k * stride]
-  with stride = the batch size: a position of a later batch, so the replacement never
-  repeats a record of its own batch (it is an ordinary valid example there; the record
-  comes again, as itself, in that later batch). In evaluation (stride 1) the replacement
+  with stride = the batch size: a position of a later batch (it is an ordinary valid
+  example there; the record comes again, as itself, in that later batch). A candidate
+  whose record is already in this batch (possible across an epoch boundary, where the
+  order is reshuffled) is passed over, so a training batch never repeats a record. In
+  evaluation (stride 1) the replacement
   keeps the shapes but is marked `valid = 0`, so no metric counts it. Each example carries
   the list of records skipped for it; `DataIterator` counts them.
   """
@@ -226,11 +228,19 @@ class PreprocessedDataset(grain.MapDataset):
       return self.slice(index)
     skipped, tried = [], []
     valid = 1
-    for attempt in range(self._max + 1):
-      item = self._parent[(index + attempt * self._stride) % len(self._parent)]
+    in_batch = None
+    attempt, candidate = 0, 0
+    while attempt <= self._max and candidate <= 4 * (self._max + 1):
+      item = self._parent[(index + candidate * self._stride) % len(self._parent)]
+      candidate += 1
       if item is None:  # eval padding beyond the end of the split
         item, valid = self._parent[0], 0
       source, record = item
+      if candidate > 1 and self._stride > 1:
+        if in_batch is None:
+          in_batch = self._batch_records(index)
+        if _record_key(source, record) in in_batch:
+          continue  # would repeat a record of this batch
       rng = np.random.default_rng([self._seed, index, attempt])
       try:
         ex = self._fn(record, rng)
@@ -242,6 +252,7 @@ class PreprocessedDataset(grain.MapDataset):
         if attempt == 0:
           skipped.append(bad)
         valid = 0 if not self._fn.train else valid
+        attempt += 1
         continue
       if "image_ids" in ex:
         ex["image_ids"] = _group_id(source, int(ex["image_ids"]), record["id"])
@@ -249,8 +260,26 @@ class PreprocessedDataset(grain.MapDataset):
       ex[_BAD] = skipped
       ex[_META]["source"] = self._names[source]
       return ex
-    raise RuntimeError(f"{self._max + 1} bad records in a row for position {index}: "
+    raise RuntimeError(f"{len(tried)} bad records in a row for position {index}: "
                        + "; ".join(f"{r} ({why}: {d})" for r, why, d in tried))
+
+  def _batch_records(self, index: int) -> set:
+    """The records at the positions of `index`'s batch (stride = the batch size)."""
+    first = index - index % self._stride
+    out = set()
+    for j in range(first, first + self._stride):
+      item = self._parent[j % len(self._parent)]
+      if item is not None:
+        out.add(_record_key(*item))
+    return out
+
+
+def _record_key(source: int, record: dict) -> tuple:
+  """What makes two records the same: source, id, question id and first text."""
+  texts = record.get("texts")
+  first = texts[0] if texts is not None and len(texts) else b""
+  return (source, str(record.get("id")), int(record.get("question_id", -1)),
+          bytes(first) if isinstance(first, (bytes, np.bytes_)) else str(first))
 
 
 def _group_id(source: int, group: int, record_id: str) -> np.int32:

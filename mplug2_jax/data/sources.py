@@ -228,10 +228,11 @@ class MediaReader:
     except OSError as e:
       self.counter.add_bad(record_id, "missing", f"{path}: {e.strerror}")
       return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a directory, a device
+      os.close(fd)
+      self.counter.add_bad(record_id, "not_a_file", f"{path} is not a regular file")
+      return None
     with os.fdopen(fd, "rb") as f:
-      if not stat.S_ISREG(os.fstat(fd).st_mode):
-        self.counter.add_bad(record_id, "not_a_file", f"{path} is not a regular file")
-        return None
       return f.read()
 
 
