@@ -105,6 +105,9 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   check(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep, "must be > 0")
   check(config.checkpoint.best_mode in ("max", "min"), "checkpoint.best_mode",
         config.checkpoint.best_mode, "must be 'max' or 'min'")
+  check(config.checkpoint.get("on_corrupt", "fallback") in ("fallback", "fail"),
+        "checkpoint.on_corrupt", config.checkpoint.get("on_corrupt"),
+        "must be 'fallback' or 'fail'")
   o = config.optimizer
   check(o.lr >= 0, "optimizer.lr", o.lr, "must be >= 0")
   for key in ("warmup_lr", "min_lr", "weight_decay", "grad_clip_norm"):

@@ -11,6 +11,8 @@ command.
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -61,8 +63,14 @@ def main(argv):
   experiment.check_input(config)
   if jax.process_index() == 0:
     logging.info("config:\n%s", config)
-  summary = loop.train(config, _WORKDIR.value, evaluator=in_loop.make_evaluator(config),
-                       stop_after=_STOP_AFTER.value or None)
+  from mplug2_jax.train import checkpointing
+  try:
+    summary = loop.train(config, _WORKDIR.value, evaluator=in_loop.make_evaluator(config),
+                         stop_after=_STOP_AFTER.value or None)
+  except (checkpointing.CheckpointSaveError, checkpointing.CorruptCheckpointError) as e:
+    # One line, not orbax's tracebacks: the path and the cause are in `e`.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   if jax.process_index() == 0:
     print(f"{summary['status']} at step {summary['step']}: workdir {_WORKDIR.value}",
           flush=True)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging as std_logging
+import os
 import shutil
 import signal
 import threading
@@ -57,7 +58,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from mplug2_jax import sharding
+from mplug2_jax import param_store, sharding
 
 
 def default_checkpoint_config() -> ml_collections.ConfigDict:
@@ -86,9 +87,13 @@ class CorruptCheckpointError(RuntimeError):
   """No checkpoint could be restored and verified; `str()` names each problem."""
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 300) -> str:
   text = str(e).strip() or type(e).__name__
-  return text.splitlines()[0][:300]
+  return text.splitlines()[0][:limit]
+
+
+def _size(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -216,35 +221,44 @@ class IteratorRestore(ocp.args.CheckpointArgs):
 
 
 class _Manager(ocp.CheckpointManager):
-  """Orbax's manager, except that a failed asynchronous save raises.
+  """Orbax's manager, except that a failed save is kept as one `CheckpointSaveError`.
 
-  Orbax logs a failed save and goes on to delete the steps beyond `keep` (with keep=1 that
-  is the last good checkpoint). Raising from `_finalize_checkpoint` (orbax's hook, run in
-  its finalize thread before the deletion) skips the deletion; orbax keeps the exception
-  and `wait_until_finished` re-raises it. `describe(step, error)` makes the one line.
+  Orbax's finalize step (`_finalize`, run in its own thread after an asynchronous save)
+  waits for the writes and then deletes the steps beyond `keep`; a write error raises
+  before the deletion, so the last good checkpoint stays. The error is recorded here
+  (`save_error`, made by `describe(step, error)`) as soon as it happens, so the loop's
+  per-step `check()` sees it without waiting.
   """
 
   describe = staticmethod(lambda step, error: str(error))
   save_error: CheckpointSaveError | None = None
 
-  def _finalize_checkpoint(self, step: int):
+  def _finalize(self, step: int, steps_to_remove):
     try:
-      self.check_for_errors()
+      return super()._finalize(step, steps_to_remove)
     except Exception as e:  # noqa: BLE001  (any failure of the save is reported)
-      self.save_error = CheckpointSaveError(self.describe(step, e))
+      if self.save_error is None:
+        self.save_error = CheckpointSaveError(self.describe(step, e))
       raise self.save_error from e
+
+  def _finalize_checkpoint(self, step: int):
+    # Orbax only logs a failed commit here and goes on; raising keeps it from finishing.
+    self.check_for_errors()
     return super()._finalize_checkpoint(step)
 
 
-class _DropReported(std_logging.Filter):
-  """Keeps orbax's traceback of a save failure out of the log: `CheckpointSaveError`
-  already says it in one line."""
+class _OneLine(std_logging.Filter):
+  """Orbax logs each failed write with a traceback from several threads; the failure is
+  reported once by `CheckpointSaveError`, so its records keep their first line only."""
 
   def filter(self, record):
-    return not (record.exc_info and isinstance(record.exc_info[1], CheckpointSaveError))
+    if record.exc_info and "orbax" in (record.pathname or ""):
+      record.msg, record.args = _first_line(Exception(record.getMessage())), None
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
-std_logging.getLogger("absl").addFilter(_DropReported())
+std_logging.getLogger("absl").addFilter(_OneLine())
 
 
 class Checkpoints:
@@ -267,11 +281,12 @@ class Checkpoints:
         enable_async_checkpointing=bool(c.async_save),
         cleanup_tmp_directories=True,
         create=True)
-    self.directory = epath.Path(directory)
+    self.directory = param_store.resolve(directory)  # orbax needs an absolute path
     self.manager = _Manager(self.directory, options=options,
                             item_names=("state", "data", DIGESTS))
     self.manager.describe = self._describe_failure
     self._bytes_per_save = 0
+    self._step_in_flight = -1
     self._raised: CheckpointSaveError | None = None  # the failure the caller has seen
 
   # ---- saving ----------------------------------------------------------------------------
@@ -297,6 +312,7 @@ class Checkpoints:
     if iterator is not None:
       items["data"] = IteratorSave(iterator)
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+    self._step_in_flight = int(step)
     try:
       return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics,
                                force=True)
@@ -315,23 +331,29 @@ class Checkpoints:
 
   def _describe_failure(self, step: int, error: BaseException) -> str:
     cause = _cause(error)
-    line = f"checkpoint of step {step} could not be written to {self.directory}: " + (
-        _first_line(cause) if cause is not error else _first_line(error))
-    try:
-      if self._bytes_per_save == 0:
-        previous = [p for p in self.directory.iterdir() if p.name.isdigit()]
-        if previous:
-          last = max(previous, key=lambda p: int(p.name))
-          self._bytes_per_save = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
-      free = shutil.disk_usage(str(self.directory)).free if "://" not in str(
-          self.directory) else None
-      if self._bytes_per_save:
-        line += f"; a checkpoint takes about {self._bytes_per_save / 2**20:.1f} MiB"
-      if free is not None:
-        line += f", {free / 2**20:.1f} MiB free"
+    text = _first_line(cause, 2000).replace(str(self.directory) + "/", "")
+    if len(text) > 400:  # keep the end: that is where the OS error is
+      text = text[:150] + " ... " + text[-240:]
+    line = f"checkpoint of step {step} could not be written to {self.directory}: {text}"
+    if "://" not in str(self.directory):  # sizes of a local disk (a bucket has no "free")
+      try:
+        local = str(self.directory)
+        if self._bytes_per_save == 0:
+          previous = [n for n in os.listdir(local) if n.isdigit()]
+          if previous:
+            last = os.path.join(local, max(previous, key=int))
+            self._bytes_per_save = sum(os.path.getsize(os.path.join(d, f))
+                                       for d, _, files in os.walk(last) for f in files)
+        if self._bytes_per_save:
+          line += f"; a checkpoint takes about {_size(self._bytes_per_save)}"
+        line += f", {_size(shutil.disk_usage(local).free)} free"
+      except OSError:
+        pass
+    try:  # finished steps on disk (orbax's own list may already hold the failed one)
+      good = [int(p.name) for p in self.directory.iterdir()
+              if p.name.isdigit() and int(p.name) != step]
     except OSError:
-      pass
-    good = [s for s in self.all_steps() if s != step and (self.directory / str(s)).exists()]
+      good = []
     if good:
       line += f"; the checkpoint of step {max(good)} is intact"
     return line
@@ -422,15 +444,18 @@ class Checkpoints:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      raise (self.manager.save_error or CheckpointSaveError(_first_line(e))) from e
+      self._raised = self.manager.save_error or CheckpointSaveError(
+          self._describe_failure(self._step_in_flight, e))
+      raise self._raised from e
 
   def close(self) -> None:
     """Waits for in-flight saves and closes; a failure already raised by `check`/`save`
     is not raised again."""
+    seen = self._raised
     try:
       self.wait()
     except CheckpointSaveError as e:
-      if e is not self._raised:
+      if e is not seen:
         self.manager.close()
         raise
     self.manager.close()
