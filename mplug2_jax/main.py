@@ -63,12 +63,13 @@ def main(argv):
   experiment.check_input(config)
   if jax.process_index() == 0:
     logging.info("config:\n%s", config)
-  from mplug2_jax.train import checkpointing
+  from mplug2_jax.train import checkpointing, step as step_lib
   try:
     summary = loop.train(config, _WORKDIR.value, evaluator=in_loop.make_evaluator(config),
                          stop_after=_STOP_AFTER.value or None)
-  except (checkpointing.CheckpointSaveError, checkpointing.CorruptCheckpointError) as e:
-    # One line, not orbax's tracebacks: the path and the cause are in `e`.
+  except (checkpointing.CheckpointSaveError, checkpointing.CorruptCheckpointError,
+          step_lib.NonFiniteError) as e:
+    # One line, not tracebacks: the step, the path and the cause are in `e`.
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   if jax.process_index() == 0:
