@@ -11,6 +11,7 @@ command.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags, logging
@@ -69,9 +70,12 @@ def main(argv):
                          stop_after=_STOP_AFTER.value or None)
   except (checkpointing.CheckpointSaveError, checkpointing.CorruptCheckpointError,
           step_lib.NonFiniteError) as e:
-    # One line, not tracebacks: the step, the path and the cause are in `e`.
+    # One line, not tracebacks: the step, the path and the cause are in `e`. The exit skips
+    # the interpreter's teardown, where orbax's writer threads (still finishing the failed
+    # save's futures) would print tracebacks about closed event loops.
     print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.stdout.flush()
+    os._exit(1)
   if jax.process_index() == 0:
     print(f"{summary['status']} at step {summary['step']}: workdir {_WORKDIR.value}",
           flush=True)
