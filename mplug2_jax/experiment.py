@@ -119,6 +119,9 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   objectives = registry.of(config.model).objectives
   if hasattr(objectives, "validate"):
     objectives.validate(config.objective)
+  check(config.checkpoint.get("on_corrupt", "fallback") in ("fallback", "fail"),
+        "checkpoint.on_corrupt", config.checkpoint.get("on_corrupt"),
+        "must be 'fallback' or 'fail'")
   o = config.optimizer
   check(o.lr >= 0, "optimizer.lr", o.lr, "must be >= 0")
   for key in ("warmup_lr", "min_lr", "weight_decay", "grad_clip_norm"):

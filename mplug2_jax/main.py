@@ -11,6 +11,9 @@ command.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -61,8 +64,18 @@ def main(argv):
   experiment.check_input(config)
   if jax.process_index() == 0:
     logging.info("config:\n%s", config)
-  summary = loop.train(config, _WORKDIR.value, evaluator=in_loop.make_evaluator(config),
-                       stop_after=_STOP_AFTER.value or None)
+  from mplug2_jax.train import checkpointing, step as step_lib
+  try:
+    summary = loop.train(config, _WORKDIR.value, evaluator=in_loop.make_evaluator(config),
+                         stop_after=_STOP_AFTER.value or None)
+  except (checkpointing.CheckpointSaveError, checkpointing.CorruptCheckpointError,
+          step_lib.NonFiniteError) as e:
+    # One line, not tracebacks: the step, the path and the cause are in `e`. The exit skips
+    # the interpreter's teardown, where orbax's writer threads (still finishing the failed
+    # save's futures) would print tracebacks about closed event loops.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
   if jax.process_index() == 0:
     print(f"{summary['status']} at step {summary['step']}: workdir {_WORKDIR.value}",
           flush=True)

@@ -51,12 +51,45 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def nonfinite_leaves(params: Mapping) -> list[str]:
+  """Paths ('a/b/c') of the floating-point leaves holding a NaN or an infinity (host or
+  sharded arrays; every process must call it)."""
+  import jax.numpy as jnp
+
+  flat = flatten(params)
+  checks = jax.jit(lambda t: {k: jnp.all(jnp.isfinite(v)) for k, v in t.items()
+                              if jnp.issubdtype(jnp.asarray(v).dtype, jnp.inexact)})(flat)
+  return sorted(k for k, ok in jax.device_get(checks).items() if not bool(ok))
+
+
+def check_shapes(flat: Mapping[str, Any], expected: Mapping[str, Any], where) -> None:
+  """Raises ValueError naming the parameters of `flat` ({path: array}) that are missing,
+  extra or of another shape than `expected` ({path: ShapeDtypeStruct}), e.g. a checkpoint
+  of another model size than its model_config.json says."""
+  missing = sorted(set(expected) - set(flat))
+  extra = sorted(set(flat) - set(expected))
+  shapes = sorted(k for k in set(flat) & set(expected)
+                  if tuple(np.shape(flat[k])) != tuple(expected[k].shape))
+  if not (missing or extra or shapes):
+    return
+  parts = [f"{k}: {tuple(np.shape(flat[k]))} vs the model's {tuple(expected[k].shape)}"
+           for k in shapes[:3]]
+  parts += [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in extra[:3]]
+  raise ValueError(f"{where}: the parameters do not fit the model of its config "
+                   f"({len(shapes)} shapes differ, {len(missing)} missing, {len(extra)} "
+                   f"unexpected): " + "; ".join(parts))
+
+
 def save_params(directory, params: dict, model_config: ml_collections.ConfigDict) -> epath.Path:
   """Parameters as an orbax checkpoint plus the model config that built them. Every
   process takes part (sharded arrays); process 0 writes the config."""
   import orbax.checkpoint as ocp
 
   directory = resolve(directory)
+  bad = nonfinite_leaves(params)
+  if bad:
+    raise ValueError(f"refusing to write {directory / PARAMS_DIR}: non-finite values in "
+                     f"{len(bad)} parameters, e.g. {', '.join(bad[:3])}")
   directory.mkdir(parents=True, exist_ok=True)
   # Synchronous and uncompressed: orbax's compressing save holds about two more copies of
   # the arrays while it writes (a 7B import would need ~3x its size of host memory);

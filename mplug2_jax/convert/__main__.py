@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import importlib
 import resource
+import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mplug2_jax import cli
+from mplug2_jax import cli, config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (import, init).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Input checkpoint (file or directory).")
@@ -48,6 +49,10 @@ _VIT = flags.DEFINE_string("vit", None, "init (mPLUG-Owl2): CLIP vision checkpoi
 _POSITIONS = flags.DEFINE_enum(
     "positional_embedding", "resized", ["resized", "zeros"],
     "init: CLIP positional table resized to the grid (fix), or zeros (official quirk).")
+
+_ALLOW_CAST = flags.DEFINE_bool(
+    "allow_cast", False, "import: cast float16/bfloat16 tensors to the model's float32 "
+    "parameters (without it such a checkpoint is refused, naming the key).")
 
 COMMANDS = ("import-official", "export-official", "init-pretrained")
 
@@ -72,16 +77,47 @@ def _abstract_params(model_cfg) -> dict:
   return sharding.flat(sharding.unboxed(abstract))
 
 
-def import_official(config, checkpoint: str, out: str) -> None:
+def check_imported(flat: dict, expected: dict, allow_cast: bool = False) -> dict:
+  """`flat` with each tensor checked against the model's parameter (`expected`: path ->
+  ShapeDtypeStruct): an integer or boolean tensor where the model has a float parameter, a
+  narrower float (float16/bfloat16 -> float32) without `allow_cast`, or a NaN/infinity
+  raises ValueError naming the key; allowed casts are applied."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  out = {}
+  for key, value in flat.items():
+    value = np.asarray(value)
+    want = expected[key].dtype if key in expected else value.dtype
+    if value.dtype != want:
+      if not jnp.issubdtype(value.dtype, jnp.floating) and jnp.issubdtype(want, jnp.floating):
+        raise ValueError(f"tensor {key}: dtype {value.dtype}, the model's parameter is {want} "
+                         "(an integer tensor where weights belong: a wrong or damaged file)")
+      if jnp.dtype(value.dtype).itemsize < jnp.dtype(want).itemsize and not allow_cast:
+        raise ValueError(f"tensor {key}: dtype {value.dtype}, the model's parameter is "
+                         f"{want}; pass --allow_cast to import the {value.dtype} values as "
+                         f"{want}")
+      value = value.astype(want)
+    if jnp.issubdtype(value.dtype, jnp.inexact) and not np.isfinite(
+        value.astype(np.float32)).all():
+      raise ValueError(f"tensor {key}: {int((~np.isfinite(value.astype(np.float32))).sum())} "
+                       "non-finite values (NaN or infinity)")
+    out[key] = value
+  return out
+
+
+def import_official(config, checkpoint: str, out: str, allow_cast: bool = False) -> None:
   from mplug2_jax import param_store
   from mplug2_jax.convert import checkpoints
   from mplug2_jax.models import registry
 
   registry.validate(config.model)
   model_cfg = config.model
-  expected = {k: v.shape for k, v in _abstract_params(model_cfg).items()}
+  abstract = _abstract_params(model_cfg)
+  expected = {k: v.shape for k, v in abstract.items()}
   flat, notes = _conversion(model_cfg).import_official(
       checkpoints.open_state_dict(checkpoint), model_cfg, expected)
+  flat = check_imported(flat, abstract, allow_cast)
   for note in notes:
     print(note)
   n = sum(v.size for v in flat.values())
@@ -139,6 +175,17 @@ def init_pretrained(config, out: str, paths: dict[str, str | None],
 
 
 def main(argv):
+  try:
+    _main(argv)
+  except (ValueError, FileNotFoundError) as e:  # bad input, named in `e`: one line
+    if isinstance(e, config_lib.ConfigError):
+      raise
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def _main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m mplug2_jax.convert {{{'|'.join(COMMANDS)}}} ...")
   command = argv[1]
@@ -148,7 +195,7 @@ def main(argv):
   if command == "import-official":
     if not (_CHECKPOINT.value and _CONFIG.value):
       raise app.UsageError("import-official needs --checkpoint and --config")
-    import_official(_CONFIG.value, _CHECKPOINT.value, _OUT.value)
+    import_official(_CONFIG.value, _CHECKPOINT.value, _OUT.value, _ALLOW_CAST.value)
   elif command == "export-official":
     if not _CHECKPOINT.value:
       raise app.UsageError("export-official needs --checkpoint")

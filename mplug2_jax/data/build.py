@@ -5,7 +5,9 @@
 
 Splits: `--annotations` (repeatable; files concatenated) -> `--split` (default train);
 `--eval_annotations` -> `--eval_split` (default test). Bad inputs (missing, empty,
-unreadable media; empty or non-UTF-8 text) are skipped and counted; above
+unreadable media; empty or non-UTF-8 text; malformed annotation records; media paths
+outside the media folder or not regular files; sampling windows outside the clip) are
+skipped and counted, each offender named with its file and line; above
 `--max_bad_fraction` the build fails and nothing complete is written.
 """
 
@@ -19,7 +21,7 @@ from absl import flags
 
 from mplug2_jax import cli
 from mplug2_jax.data import records, sources
-from mplug2_jax.data.bad_data import BadDataCounter
+from mplug2_jax.data.bad_data import BadDataCounter, TooManyBadSamples
 
 
 def build(kind: str, out: str, splits: dict[str, Sequence[str]], root: str = "",
@@ -36,8 +38,8 @@ def build(kind: str, out: str, splits: dict[str, Sequence[str]], root: str = "",
   metadata = {"kind": kind, "annotations": {k: list(v) for k, v in splits.items()}}
   if kind == "kinetics":
     # One class list for every split, so that a split missing a class keeps the indices.
-    anns = sources.read_all([p for v in splits.values() for p in v])
-    metadata["classes"] = sorted({a["label"] for a in anns})
+    anns = sources.read_all([p for v in splits.values() for p in v], BadDataCounter(1.0))
+    metadata["classes"] = sources.kinetics_classes(anns)
     kwargs["classes"] = metadata["classes"]
   start = time.time()
   path = records.write(out, kind, {n: maker(n, p) for n, p in splits.items()}, metadata)
@@ -82,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   splits = {fv.split: fv.annotations}
   if fv.eval_annotations:
     splits[fv.eval_split] = fv.eval_annotations
-  build(fv.kind, fv.out, splits, fv.videos, fv.max_bad_fraction, fv.verify, fv.vg_images)
+  try:
+    build(fv.kind, fv.out, splits, fv.videos, fv.max_bad_fraction, fv.verify, fv.vg_images)
+  except (ValueError, OSError, TooManyBadSamples) as e:  # a file or the data named in `e`
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

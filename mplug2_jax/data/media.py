@@ -31,7 +31,12 @@ IMAGE_FORMATS = ("jpeg", "jpg", "png", "bmp", "webp")
 # Reasons a sample can be bad; counted separately (pipeline and builders).
 DECODE_THREADS = 1  # codec threads per decode (see decode_video)
 
-REASONS = ("missing", "empty", "corrupt", "truncated", "no_frames", "bad_text", "empty_text")
+REASONS = ("missing", "empty", "corrupt", "truncated", "no_frames", "bad_text", "empty_text",
+           # builders: a malformed annotation record, a media path that resolves outside
+           # the media folder, a path that is not a regular file (a FIFO, a directory)
+           "bad_annotation", "outside_root", "not_a_file",
+           # a sampling window (start_time / end_time) outside the clip
+           "time_out_of_range")
 
 # Intel IPP inside OpenCV makes the float bicubic resize ~2x faster, but its result depends
 # on the CPU's SIMD level (AVX-512, AVX2 and SSE4.2 gave different bits); OpenCV's own
@@ -168,13 +173,26 @@ def video_length(data: bytes) -> int:
     container.close()
 
 
+def video_frames_and_rate(data: bytes) -> tuple[int, float]:
+  """(frame count, frames per second) as `decode_video` reads them (25 when unknown)."""
+  container = _open_video(data)
+  try:
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate or 0) or 25.0
+    frames = int(stream.frames)
+  finally:
+    container.close()
+  return (frames if frames > 0 else video_length(data)), fps
+
+
 def decode_video(data: bytes, num_frames: int, mode: str, rng: np.random.Generator | None,
                  window: tuple[float, float] | None = None) -> np.ndarray:
   """Decodes the sampled frames of an encoded video with PyAV.
 
   Frames are decoded in order and stop after the last index needed; only the needed ones
   are converted to RGB. `window` = (start_s, end_s) restricts sampling to that span (video
-  pre-training records; a start of 0 disables it, as in the official loader).
+  pre-training records; a start of 0 disables it, as in the official loader); a start at
+  or beyond the last frame is `time_out_of_range` (officially the last frame, repeated).
   """
   import av
 
@@ -192,7 +210,10 @@ def decode_video(data: bytes, num_frames: int, mode: str, rng: np.random.Generat
     offset = 0
     if window is not None and window[0]:
       fps = float(stream.average_rate or 0) or 25.0
-      offset = min(int(window[0] * fps), vlen - 1)
+      offset = int(window[0] * fps)
+      if not 0 <= offset < vlen:  # else every sampled frame would be the last one
+        raise BadSample("time_out_of_range", f"start_time {window[0]:g}s is frame {offset} "
+                        f"of a {vlen}-frame clip")
       vlen = max(1, min(vlen, int(math.ceil(window[1] * fps))) - offset)
     idx = sample_frame_indices(vlen, num_frames, mode, rng) + offset
     wanted = set(idx.tolist())

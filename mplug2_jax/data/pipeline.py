@@ -116,7 +116,7 @@ class Preprocessor:
     image = media.decode(record["media"], fmt, 1, "middle", None)[0]
     # Official: the expression is only lower-cased (no pre_caption cleaning).
     expression = self._pick_text(record, rng).lower()
-    if not expression.strip():
+    if text_lib.is_blank(expression):
       raise media.BadSample("empty_text", repr(expression)[:60])
     box = np.asarray(record["box"], np.float32)
     if self.train:
@@ -148,7 +148,7 @@ class Preprocessor:
 
   def _cleaned(self, fn, text: str, words: int) -> str:
     out = fn(text, words)
-    if not out.strip():
+    if text_lib.is_blank(out):
       raise media.BadSample("empty_text", repr(text)[:60])
     return out
 
@@ -220,19 +220,25 @@ class Preprocessor:
 
 
 class PreprocessedDataset(grain.MapDataset):
-  """parent[i] preprocessed with rng(seed, i); a bad record is replaced by the next ones.
+  """parent[i] preprocessed with rng(seed, i); a bad record is replaced by a later one.
 
-  The replacement is deterministic (records i+1, i+2, ... of the parent, each with its own
-  rng), so batch shapes hold and a resumed run sees the same samples. In evaluation the
-  replacement keeps the shapes but is marked `valid = 0`, so no metric counts it. Each
-  example carries the list of records skipped for it; `DataIterator` counts them.
+  The replacement is deterministic (each try with its own rng), so batch shapes hold and a
+  resumed run sees the same samples. In training the k-th try is parent[i + k * stride]
+  with stride = the batch size: a position of a later batch (it is an ordinary valid
+  example there; the record comes again, as itself, in that later batch). A candidate
+  whose record is already in this batch (possible across an epoch boundary, where the
+  order is reshuffled) is passed over, so a training batch never repeats a record. In
+  evaluation (stride 1) the replacement
+  keeps the shapes but is marked `valid = 0`, so no metric counts it. Each example carries
+  the list of records skipped for it; `DataIterator` counts them.
   """
 
   def __init__(self, parent: grain.MapDataset, fn: Preprocessor, seed: int,
-               max_replacements: int, names: Sequence[str]):
+               max_replacements: int, names: Sequence[str], stride: int = 1):
     super().__init__(parent)
     self._fn, self._seed, self._max = fn, seed, max_replacements
     self._names = tuple(names)
+    self._stride = stride
 
   def __len__(self) -> int:
     return len(self._parent)
@@ -245,11 +251,19 @@ class PreprocessedDataset(grain.MapDataset):
       return self.slice(index)
     skipped, tried = [], []
     valid = 1
-    for attempt in range(self._max + 1):
-      item = self._parent[(index + attempt) % len(self._parent)]
+    in_batch = None
+    attempt, candidate = 0, 0
+    while attempt <= self._max and candidate <= 4 * (self._max + 1):
+      item = self._parent[(index + candidate * self._stride) % len(self._parent)]
+      candidate += 1
       if item is None:  # eval padding beyond the end of the split
         item, valid = self._parent[0], 0
       source, record = item
+      if candidate > 1 and self._stride > 1:
+        if in_batch is None:
+          in_batch = self._batch_records(index)
+        if _record_key(source, record) in in_batch:
+          continue  # would repeat a record of this batch
       rng = np.random.default_rng([self._seed, index, attempt])
       try:
         ex = self._fn(record, rng)
@@ -261,6 +275,7 @@ class PreprocessedDataset(grain.MapDataset):
         if attempt == 0:
           skipped.append(bad)
         valid = 0 if not self._fn.train else valid
+        attempt += 1
         continue
       if "image_ids" in ex:
         ex["image_ids"] = _group_id(source, int(ex["image_ids"]), record["id"])
@@ -268,8 +283,26 @@ class PreprocessedDataset(grain.MapDataset):
       ex[_BAD] = skipped
       ex[_META]["source"] = self._names[source]
       return ex
-    raise RuntimeError(f"{self._max + 1} consecutive bad records from position {index}: "
+    raise RuntimeError(f"{len(tried)} bad records in a row for position {index}: "
                        + "; ".join(f"{r} ({why}: {d})" for r, why, d in tried))
+
+  def _batch_records(self, index: int) -> set:
+    """The records at the positions of `index`'s batch (stride = the batch size)."""
+    first = index - index % self._stride
+    out = set()
+    for j in range(first, first + self._stride):
+      item = self._parent[j % len(self._parent)]
+      if item is not None:
+        out.add(_record_key(*item))
+    return out
+
+
+def _record_key(source: int, record: dict) -> tuple:
+  """What makes two records the same: source, id, question id and first text."""
+  texts = record.get("texts")
+  first = texts[0] if texts is not None and len(texts) else b""
+  return (source, str(record.get("id")), int(record.get("question_id", -1)),
+          bytes(first) if isinstance(first, (bytes, np.bytes_)) else str(first))
 
 
 def _group_id(source: int, group: int, record_id: str) -> np.int32:
@@ -445,7 +478,7 @@ def make_dataset(config_data: ml_collections.ConfigDict, *, split: str, batch_si
   fn = Preprocessor(c, task, train, num_frames, image_size, make_tokenizer(c))
   names = [records.find_dataset(p) for p in paths]
   ds = PreprocessedDataset(ds, fn, _stable_seed(seed, "augment", process_index),
-                           c.max_replacements, names)
+                           c.max_replacements, names, stride=local_batch if train else 1)
   ds = ds.batch(local_batch, drop_remainder=train,
                 batch_fn=Collate(process_index * local_batch))
   ids = ds.to_iter_dataset()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import unicodedata
 from typing import Sequence
 
 import numpy as np
@@ -43,6 +44,14 @@ def resolve_vocab(vocab_file: str) -> str:
   if vocab_file == BERT_VOCAB_ALIAS:
     return str(BERT_VOCAB_FILE)
   return vocab_file
+
+
+def is_blank(text: str) -> bool:
+  """True when `text` has no visible character: only whitespace, control and format
+  characters (e.g. "\\x00\\u200b"). BERT's basic tokenizer deletes all of them, so such a
+  text would train as a [CLS]-only sequence; builders and the pipeline count it as
+  `empty_text`."""
+  return all(unicodedata.category(ch)[0] in "CZ" for ch in text)
 
 
 def pre_question(text: str, max_words: int) -> str:

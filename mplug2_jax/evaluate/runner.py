@@ -89,6 +89,11 @@ def run(config, checkpoint: str, workdir: str | None, log=print) -> tuple[list, 
   config.eval = common.complete_settings(task, config.eval, config.data, mesh, config)
   log(f"loading {ckpt} ...")
   params = param_store.load_params(ckpt)
+  # Before any data set-up or compilation: parameters of another size or task fail here,
+  # naming the differing keys, not at jit time.
+  abstract = sharding.flat(sharding.unboxed(sharding.abstract_params(
+      family.build(model_cfg), family.init_batch(model_cfg))))
+  param_store.check_shapes(param_store.flatten(params), abstract, ckpt)
   iterator = pipeline.make_iterator(config.data, split=config.eval.split,
                                     batch_size=config.eval.batch_size, model_cfg=model_cfg,
                                     sharding=sharding.batch_sharding(mesh, config))

@@ -16,6 +16,12 @@ In-loop evaluation is given by the caller (`evaluator`: mesh -> params -> metric
 entry points build it with `evaluate.in_loop.make_evaluator`), so training does not
 depend on the evaluators.
 
+Failures: a checkpoint that cannot be written (a full disk) stops the run at the first
+failed save with `checkpointing.CheckpointSaveError` (one line; the previous checkpoint
+stays intact); a checkpoint that fails verification on restore is skipped for the previous
+one or stops the run (`config.checkpoint.on_corrupt`); the exported parameters are never
+written with a non-finite value (`param_store.save_params`).
+
 Outputs in `workdir` (process 0; local or gs://): `config.json`, `metrics.jsonl`,
 TensorBoard events in `tb/`, `loss_curves.png` at the end, `checkpoints/<step>/`, and
 when the run is done the final parameters (`params/` + `model_config.json`).
@@ -202,6 +208,7 @@ def _train(config, workdir: epath.Path, evaluator, stop_after, guard) -> dict[st
       if (step % save_every == 0 or eval_metrics) and ckpt.save(step, state, it, eval_metrics,
                                                                 force=True):
         saved = step
+      ckpt.check()  # a failed asynchronous save stops the run here, at its first failure
       if guard.should_stop(step, ckpt):
         status = "preempted"
         logging.warning("preemption notice at step %d: saving and stopping", step)

@@ -21,10 +21,23 @@ from mplug2_jax.convert.mplug2.official import ConversionError
 
 INIT_SOURCES = ("clip", "bert")  # init-pretrained --clip / --bert
 
+# The tasks with an official PyTorch model (spec sections 2-5). The video classification
+# head (`classification`: vision tower + linear classifier) has no released official
+# model or state-dict layout, so it is neither imported nor exported.
+OFFICIAL_TASKS = ("caption", "videoqa", "grounding", "retrieval", "pretrain")
+
+
+def _check_task(m: ml_collections.ConfigDict, what: str) -> None:
+  if m.task not in OFFICIAL_TASKS:
+    raise ConversionError(f"{what}: the {m.task!r} task has no official PyTorch model (no "
+                          f"released code or state-dict layout to match); tasks that "
+                          f"convert: {', '.join(OFFICIAL_TASKS)}")
+
 
 def import_official(state: Mapping, m: ml_collections.ConfigDict,
                     expected: dict[str, tuple]) -> tuple[dict[str, np.ndarray], list[str]]:
   """(flat params, notes) from an official state dict, every key accounted for."""
+  _check_task(m, "import-official")
   adapted = official.AdaptedStateDict(state, m)
   flat = official.to_flax(adapted, m, expected)
   notes = []
@@ -37,6 +50,7 @@ def import_official(state: Mapping, m: ml_collections.ConfigDict,
 def export_official(flat: dict[str, np.ndarray], m: ml_collections.ConfigDict,
                     reference: Mapping | None) -> tuple[dict[str, np.ndarray], list[str]]:
   """(official state dict, notes): every key of the official task model."""
+  _check_task(m, "export-official")
   state, counts = official.export_state(flat, m, reference)
   notes = [f"sources: {counts}"]
   if counts["zeros"]:
