@@ -36,6 +36,11 @@ class ConfigError(ValueError):
       super().__init__(f"config.{key}={value!r}: {problem}")
 
 
+class LaunchError(RuntimeError):
+  """A bad launch (processes, devices, coordinator) found before any compute; `str()` is
+  one line naming what is wrong. Entry points print it like a ConfigError."""
+
+
 def check(ok: bool, key: str, value: Any, problem: str) -> None:
   if not ok:
     raise ConfigError(key, value, problem)
