@@ -23,7 +23,6 @@ interrupted training resumes from its last checkpoint.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import os
 import pathlib
@@ -54,10 +53,9 @@ ROWS = (("text-to-video R@1", "retrieval", "t2v_R1", "pretrain"),
 
 def load_config(path: pathlib.Path, arg: str):
   """`get_config(arg)` of a config file (as `--config path:arg` would)."""
-  spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from mplug2_jax import experiment
+
+  return experiment.load(f"{path}:{arg}")
 
 
 def is_exported(directory: pathlib.Path) -> bool:

@@ -7,6 +7,8 @@
   check_input(config)                        the training data exists (or synthetic data
                                              was asked for)
   eval_experiment(task, arg, paper=...)      one paper result row (configs/eval/*.py)
+  load("configs/x.py:arg")                   `get_config(arg)` of a config file, as
+                                             `--config configs/x.py:arg` gives it
 
 Each section's defaults live beside the code that reads it: `config.model` in the model
 family (`models/<family>/config.py`), `config.data` in `data/__init__.py`,
@@ -17,6 +19,9 @@ here or there.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import pathlib
 
 import ml_collections
 from etils import epath
@@ -57,6 +62,18 @@ def base_config(size: str = "tiny", task: str = "videoqa",
   config.eval_every_steps = 0     # in-loop evaluation on data.eval_split; 0 = off
   config.eval_task = ""           # "" = model.task; e.g. "retrieval" for a pretraining run
   return config
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file in `spec` ("path.py" or "path.py:arg")."""
+  path, _, arg = spec.partition(":")
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{pathlib.Path(path).stem}",
+                                                       path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, *,

@@ -19,7 +19,9 @@ from conftest import REPO
 def test_benchmark_cli_runs_the_tiny_train_step(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "mplug2_jax.benchmark", f"--config={REPO}/configs/caption.py:tiny",
-       "--steps=2", "--warmup=1", f"--profile={tmp_path}"], capture_output=True, text=True,
+       "--config.model.vision.layers=1", "--config.model.text.decoder_layers=1",
+       "--frames=1", "--steps=1", "--warmup=0", f"--profile={tmp_path}"],
+      capture_output=True, text=True,
       timeout=600, cwd=REPO,
       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})  # one real CPU device
   assert result.returncode == 0, result.stderr[-2000:]
@@ -91,3 +93,23 @@ def test_matmul_forms_cli_times_every_operand_order():
   lines = [l for l in result.stdout.splitlines() if "GFLOP/s" in l]
   assert len(lines) == 4, result.stdout
   assert all(float(l.split()[-2]) > 0 for l in lines), result.stdout
+
+
+def test_accelerator_check_cpu_smoke(tmp_path):
+  """The prepared accelerator check runs end to end on the CPU (tiny config), so the
+  script a GPU window relies on cannot rot: both output files, every section filled."""
+  import json
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(["bash", "launch/accelerator_check.sh", str(tmp_path), "--cpu_smoke"],
+                          capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env=dict(env, JAX_PLATFORMS="cpu", PYTHON=sys.executable))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / "accelerator.json").read_text())
+  assert report["ceiling_tflops"] > 0 and not report["skipped"]
+  (train,) = report["train"]
+  assert "error" not in train, train
+  assert train["step_s"] > 0 and train["samples_per_s"] > 0 and train["compiled_bytes"] > 0
+  (beam,) = report["generation"]
+  assert beam["videos_per_s"] > 0, beam
+  assert "| caption tiny | 2 |" in (tmp_path / "accelerator.md").read_text()

@@ -99,16 +99,6 @@ def test_batch_must_divide_over_data_axes():
   assert message.startswith("config.batch_size=6")
 
 
-def test_bad_config_fails_before_any_compute():
-  """The entry point validates first: the error names the key and no compile starts."""
-  result = subprocess.run(
-      [sys.executable, "-m", "mplug2_jax.benchmark", f"--config={REPO}/configs/caption.py:tiny",
-       "--config.model.text.num_heads=5"], capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0
-  assert "config.model.text.hidden_size=32: not divisible by model.text.num_heads=5" in result.stderr
-  assert "compiled" not in result.stdout and "params" not in result.stdout
-
-
 def test_official_finetuning_hyperparameters():
   """Spec section 10: AdamW 2e-5 / 2e-6, wd 0.02, 200 warm-up iterations from 1e-6,
   min_lr 1e-6, 32 videos per iteration, caption accumulates 2 iterations."""
@@ -136,31 +126,53 @@ def test_demo_config_reads_the_dataset_dir():
   experiment.validate(c, num_devices=1)
 
 
-def run_main(*args):
-  return subprocess.run([sys.executable, "-m", "mplug2_jax.main", "--workdir=/tmp/unused",
-                         *args], capture_output=True, text=True, timeout=120,
-                        env={**os.environ, "MPLUG2_MALLOC_HUGEPAGES": "0", "XLA_FLAGS": ""})
+def one_line(*argv):
+  """The one line `cli.run` prints for loading `argv` (or None when it loads)."""
+  from mplug2_jax import cli
+
+  try:
+    config = load(*argv)
+    experiment.validate(config, num_devices=1)
+    experiment.check_input(config)
+  except Exception as e:  # noqa: BLE001
+    return cli.error_line(e, argv)
+  return None
 
 
-@pytest.mark.parametrize("args,line", [
+@pytest.mark.parametrize("argv,line", [
     ((f"--config={REPO}/configs/caption.py:huge",),
-     "error: config.model.size='huge': must be one of ('tiny', 'base', 'large')"),
+     "config.model.size='huge': must be one of ('tiny', 'base', 'large')"),
     ((f"--config={REPO}/configs/caption.py:tiny,synthetic=1", "--config.batch_sizee=4"),
-     "error: --config.batch_sizee: the config has no key 'batch_sizee' (did you mean "
-     "'batch_size'?)"),
+     "--config.batch_sizee: the config has no key 'batch_sizee' (did you mean 'batch_size'?)"),
     ((f"--config={REPO}/configs/caption.py:tiny",),
-     "error: config.data.mixture=(): no training data"),
+     "config.data.mixture=(): no training data"),
     ((f"--config={REPO}/configs/caption.py:tiny,epoch=3",),
-     "error: config.arg='tiny,epoch=3': unknown key 'epoch' (did you mean 'epochs'?)"),
+     "config.arg='tiny,epoch=3': unknown key 'epoch' (did you mean 'epochs'?)"),
+    ((f"--config={REPO}/configs/caption.py:tiny,synthetic=1",
+      "--config.model.text.num_heads=5"),
+     "config.model.text.hidden_size=32: not divisible by model.text.num_heads=5"),
 ])
-def test_config_errors_are_one_line_naming_the_key(args, line):
-  """A bad size, an override typo, a missing dataset, a bad argument: one line on stderr,
-  exit status 2, before any compute (no traceback, no step)."""
-  result = run_main(*args)
+def test_config_errors_are_one_line_naming_the_key(argv, line):
+  """A bad size, an override typo, a missing dataset, a bad argument, a bad value: the
+  one line the entry points print (cli.run) names the key."""
+  got = one_line(*argv)
+  assert got is not None and got.startswith(line), got
+
+
+def test_entry_point_prints_one_line_and_exits_before_compute(tmp_path):
+  """Through `python -m mplug2_jax.main`: status 2, one `error:` line, no traceback, nothing
+  compiled or written."""
+  result = subprocess.run(
+      [sys.executable, "-m", "mplug2_jax.main", f"--workdir={tmp_path / 'run'}",
+       f"--config={REPO}/configs/caption.py:tiny,synthetic=1", "--config.batch_sizee=4"],
+      capture_output=True, text=True, timeout=300,
+      env={**os.environ, "MPLUG2_MALLOC_HUGEPAGES": "0", "XLA_FLAGS": ""})
   assert result.returncode == 2, result.stderr[-2000:]
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and errors[0].startswith(line), result.stderr[-2000:]
-  assert "Traceback" not in result.stderr and "step" not in result.stdout
+  assert errors == ["error: --config.batch_sizee: the config has no key 'batch_sizee' "
+                    "(did you mean 'batch_size'?)"], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr and "compiled" not in result.stderr
+  assert not (tmp_path / "run").exists()
 
 
 def test_synthetic_data_only_when_asked_for():

@@ -217,7 +217,6 @@ def test_clip_init_matches_transformers_vision_model(tmp_path):
   np.testing.assert_array_equal(params["vision/blocks/temporal1/up/kernel"], 0.0)
 
   pixels = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
-  model = mplug2.build(m, collect=True)
   from mplug2_jax.models import vit
   encoder = vit.VideoEncoder(m.vision, collect=True)
   tokens, aux = encoder.apply({"params": param_store.nest(params)["vision"]},

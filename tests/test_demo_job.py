@@ -96,7 +96,7 @@ def test_the_chain_runs_end_to_end_and_resumes(small_demo, capsys):
                         ("classification", "eval/top1")):
     evals = [r for r in metrics_lib.read_metrics(str(work / stage)) if metric in r]
     assert [r["step"] for r in evals] == [1, 2], stage
-  assert f"step 2/2 | eval" in out
+  assert "step 2/2 | eval" in out
 
   again = demo_job.run(work, data, pretrain_steps=3, finetune_steps=2)
   out = capsys.readouterr().out

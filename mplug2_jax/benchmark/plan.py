@@ -57,10 +57,7 @@ def main(argv):
   from mplug2_jax.train import state as state_lib
   from mplug2_jax.train import step as step_lib
 
-  path, _, arg = _CONFIG.value.partition(":")
-  namespace: dict = {}
-  exec(compile(open(path).read(), path, "exec"), namespace)  # noqa: S102 (our config file)
-  config = namespace["get_config"](arg or None)
+  config = experiment.load(_CONFIG.value)
   mesh_shape = eval(_MESH.value) if _MESH.value else (1, devices, 1)  # noqa: S307
   config.mesh.shape = tuple(mesh_shape)
   config.model.update(dtype=_DTYPE.value, remat_policy=_REMAT.value, num_frames=_FRAMES.value,

@@ -9,11 +9,19 @@ r"""Checkpoint conversion between the official PyTorch models and mplug2_jax.
   # pretraining init from public weights (mPLUG-2: CLIP and BERT)
   python -m mplug2_jax.convert init-pretrained --config configs/pretrain.py:large \
       --clip ViT-L-14.safetensors --bert bert-large-uncased/model.safetensors --out /ckpt/init
+  # mPLUG-Owl2: the HF directory both ways (sharded safetensors + index + config.json)
+  python -m mplug2_jax.convert import-official --checkpoint mplug-owl2-llama2-7b/ \
+      --config configs/owl2.py:7b --out /ckpt/owl2_7b
+  python -m mplug2_jax.convert export-official --checkpoint /ckpt/owl2_7b --out owl2_hf/
+  python -m mplug2_jax.convert init-pretrained --config configs/owl2.py:7b \
+      --llama Llama-2-7b-hf/ --vit clip-vit-large-patch14/ --out /ckpt/owl2_init
 
 The model family comes from the config (`config.model.name`) or, for export, from the
 checkpoint's model_config.json. Every official key is either converted or on the family's
 documented list of keys the official model builds but never runs; anything else stops the
-conversion naming the key.
+conversion naming the key. A checkpoint is a file (.safetensors / .pth / .bin), an HF
+index file or an HF directory (sharded or not). A family whose conversion package has
+`write_official` writes its own output layout (mPLUG-Owl2: the HF directory).
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ _REFERENCE = flags.DEFINE_string(
     "reference", None, "export: official checkpoint to copy never-used tensors from.")
 _CLIP = flags.DEFINE_string("clip", None, "init (mPLUG-2): CLIP checkpoint (OpenAI or HF keys).")
 _BERT = flags.DEFINE_string("bert", None, "init (mPLUG-2): BERT checkpoint (HF keys).")
+_LLAMA = flags.DEFINE_string("llama", None, "init (mPLUG-Owl2): LLaMA-2 checkpoint (HF keys; "
+                             "file, index or directory).")
+_VIT = flags.DEFINE_string("vit", None, "init (mPLUG-Owl2): CLIP vision checkpoint (HF keys).")
 _POSITIONS = flags.DEFINE_enum(
     "positional_embedding", "resized", ["resized", "zeros"],
     "init: CLIP positional table resized to the grid (fix), or zeros (official quirk).")
@@ -70,7 +81,7 @@ def import_official(config, checkpoint: str, out: str) -> None:
   model_cfg = config.model
   expected = {k: v.shape for k, v in _abstract_params(model_cfg).items()}
   flat, notes = _conversion(model_cfg).import_official(
-      checkpoints.LazyStateDict(checkpoint), model_cfg, expected)
+      checkpoints.open_state_dict(checkpoint), model_cfg, expected)
   for note in notes:
     print(note)
   n = sum(v.size for v in flat.values())
@@ -85,8 +96,13 @@ def export_official(checkpoint: str, out: str, reference: str | None) -> None:
 
   model_cfg = param_store.load_model_config(checkpoint)
   flat = param_store.flatten(param_store.load_params(checkpoint))
-  ref = checkpoints.LazyStateDict(reference) if reference else None
-  state, notes = _conversion(model_cfg).export_official(flat, model_cfg, ref)
+  ref = checkpoints.open_state_dict(reference) if reference else None
+  conversion = _conversion(model_cfg)
+  if hasattr(conversion, "write_official"):
+    for note in conversion.write_official(flat, model_cfg, out, ref):
+      print(note)
+    return
+  state, notes = conversion.export_official(flat, model_cfg, ref)
   del flat
   checkpoints.write_state_dict(state, out)
   print(f"exported {len(state)} official keys to {out}")
@@ -105,7 +121,7 @@ def init_pretrained(config, out: str, paths: dict[str, str | None],
   registry.validate(config.model)
   model_cfg = config.model
   conversion = _conversion(model_cfg)
-  sources = {k: checkpoints.LazyStateDict(p) for k, p in paths.items()
+  sources = {k: checkpoints.open_state_dict(p) for k, p in paths.items()
              if p and k in conversion.INIT_SOURCES}
   if not sources:
     raise app.UsageError(f"init-pretrained for {model_cfg.name} needs at least one of "
@@ -140,7 +156,8 @@ def main(argv):
   else:
     if not _CONFIG.value:
       raise app.UsageError("init-pretrained needs --config")
-    init_pretrained(_CONFIG.value, _OUT.value, {"clip": _CLIP.value, "bert": _BERT.value},
+    init_pretrained(_CONFIG.value, _OUT.value, {"clip": _CLIP.value, "bert": _BERT.value,
+                                                "llama": _LLAMA.value, "vit": _VIT.value},
                     _POSITIONS.value)
   print(f"done in {time.perf_counter() - start:.1f}s, peak host memory {_peak_rss_gib():.2f} GiB")
 

@@ -57,6 +57,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.text_words = 30             # pre_caption word limit (image retrieval 30, MSRVTT 40);
                                 # grounding expressions are only lower-cased (not used)
   d.max_text_len = 30           # tokens (grounding: official max_query_len 20, [CLS] .. [SEP])
+  # mPLUG-Owl2 instruction batches (models/owl2/schema.py).
+  d.max_length = 2048           # raw ids per sample, each image placeholder counting one
+                                # (official model_max_length; the LLM sees the spliced length)
+  d.images_per_sample = 1       # image slots per sample (official training: one image)
   # Grounding geometry (data/grounding.py; spec datasets.md 3.5). The frame is image_size
   # (official 336); the box targets are answer tokens. [unverified] = not pinned by the spec.
   d.grounding_train_norm = "clip"      # official training normalisation (CLIP mean/std)

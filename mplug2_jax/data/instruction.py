@@ -59,6 +59,9 @@ VICUNA_V1 = Template(
     system="A chat between a curious user and an artificial intelligence assistant. "
            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
     roles=("USER", "ASSISTANT"), sep=" ", sep2="</s>")
+# Inference (CLI, README, benchmarks): `mplug_owl2` (CO:277-287), no system prompt
+# (`SeparatorStyle.TWO_NO_SYS`): "USER: <|image|>q ASSISTANT: a</s>USER: q2 ASSISTANT:".
+MPLUG_OWL2 = Template(system="", roles=("USER", "ASSISTANT"), sep=" ", sep2="</s>")
 
 
 # --------------------------------------------------------------------------------------
@@ -125,8 +128,9 @@ def import_conversation(turns: Any, has_image: bool) -> list[dict[str, str]]:
 
 
 def render(turns: Sequence[dict[str, str]], template: Template = VICUNA_V1) -> str:
-  """The prompt text of the official `get_prompt` for `SeparatorStyle.TWO`."""
-  text = template.system + template.sep
+  """The prompt text of the official `get_prompt` for `SeparatorStyle.TWO` (a template
+  without system prompt: `TWO_NO_SYS`, nothing before the first turn)."""
+  text = template.system + template.sep if template.system else ""
   for i, t in enumerate(turns):
     role, sep = template.roles[i % 2], (template.sep, template.sep2)[i % 2]
     # Official: an empty message renders as "ROLE:" with no separator (the importer drops
@@ -258,19 +262,40 @@ def encode_conversation(conversation: Sequence[dict[str, str]], tokenizer, max_l
 # --------------------------------------------------------------------------------------
 
 
-def image_pixels(image: np.ndarray, size: int = 448) -> np.ndarray:
-  """uint8 (H, W, 3) -> float32 (size, size, 3) as `process_images(..., "pad")` (MU:29-50,
-  TR:548-562; owl2.md 7): centred on a square canvas of PAD_RGB (offset (long-short)//2),
-  then the CLIP processor (shorter side to `size` with PIL bicubic, centre crop -- one
-  resize here since the canvas is square), /255 and CLIP mean/std."""
+ASPECT_MODES = ("pad", "resize", "crop")
+
+
+def image_pixels(image: np.ndarray, size: int = 448, aspect: str = "pad") -> np.ndarray:
+  """uint8 (H, W, 3) -> float32 (size, size, 3) as `process_images` (MU:29-50, TR:548-562;
+  owl2.md 7), then the CLIP processor: shorter side to `size` (PIL bicubic, the longer
+  side truncated as `int(size * long / short)`), centre crop (offset (extent - size) // 2),
+  /255 and CLIP mean/std.
+
+    "pad"     (training, the official CLI) centred on a square canvas of PAD_RGB (offset
+              (long - short) // 2) first
+    "resize"  (official default without a config) stretched to a max(W, H) square first,
+              PIL's default filter (bicubic)
+    "crop"    (any other setting) the CLIP processor alone
+  """
   from PIL import Image
 
+  if aspect not in ASPECT_MODES:
+    raise ValueError(f"image aspect mode {aspect!r} not in {ASPECT_MODES}")
   h, w = image.shape[:2]
   side = max(h, w)
-  canvas = Image.new("RGB", (side, side), PAD_RGB)
-  canvas.paste(Image.fromarray(image), ((side - w) // 2, (side - h) // 2))
-  resized = np.asarray(canvas.resize((size, size), Image.BICUBIC))
-  return media.normalize(resized[None])[0]
+  picture = Image.fromarray(image)
+  if aspect == "pad":
+    picture = Image.new("RGB", (side, side), PAD_RGB)
+    picture.paste(Image.fromarray(image), ((side - w) // 2, (side - h) // 2))
+  elif aspect == "resize":
+    picture = picture.resize((side, side), Image.BICUBIC)
+  width, height = picture.size
+  short, long = min(width, height), max(width, height)
+  scaled = (size, int(size * long / short))
+  new = scaled if width <= height else scaled[::-1]
+  resized = np.asarray(picture.resize(new, Image.BICUBIC))
+  top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
+  return media.normalize(resized[None, top:top + size, left:left + size])[0]
 
 
 def record_conversation(record: dict[str, Any]) -> list[dict[str, str]]:

@@ -1,5 +1,5 @@
 """What every evaluator shares: settings, iteration over padded batches, this process's
-rows of sharded arrays, gathering across processes, the driver and experiment configs.
+rows of sharded arrays, gathering across processes, and the `evaluate` driver.
 
 Evaluation iterators pad every process to the same number of batches with `valid = 0` rows
 (`data/pipeline.py`); those rows are dropped, and with several processes the remaining

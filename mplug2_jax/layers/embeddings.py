@@ -34,11 +34,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 def sincos_1d(positions: np.ndarray, dim: int) -> np.ndarray:
   """Fixed 1-D table: row p = [sin(p * omega), cos(p * omega)], omega_i =
-  10000^(-i / (dim/2)), i = 0 .. dim/2 - 1 (all sines first, then all cosines)."""
+  10000^(-i / (dim/2)), i = 0 .. dim/2 - 1 (all sines first, then all cosines).
+
+  Computed in float32 step by step as the MAE helper that mPLUG-Owl2 uses
+  (`visual_encoder.py`), so the tables equal the official buffers bit for bit."""
   if dim % 2:
     raise ValueError(f"a sin-cos table needs an even width, got {dim}")
-  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-  angles = np.asarray(positions, np.float64).reshape(-1)[:, None] * omega[None]
+  omega = np.arange(dim // 2, dtype=np.float32)
+  omega /= np.float32(dim / 2.0)
+  omega = np.float32(1.0) / np.float32(10000) ** omega
+  angles = np.asarray(positions, np.float32).reshape(-1)[:, None] * omega[None]
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
 
 

@@ -31,6 +31,7 @@ from mplug2_jax.layers import attention_op, stack
 
 FAMILIES = {
     "mplug2": "mplug2_jax.models.mplug2",
+    "owl2": "mplug2_jax.models.owl2",
 }
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -1,13 +1,22 @@
-"""CLIP vision transformer with mPLUG-2's local temporal modules (the video encoder).
+"""The CLIP vision transformer of both families, with mPLUG-2's optional local temporal
+modules (the video encoder).
 
-Spec: `shared/spec/mplug2.md` section 2. Input video (B, T, H, W, 3) channels-last,
-CLIP-normalised; an image is a video with T = 1. Output (B, 1 + T'·G², D): the mean over
-frames of the per-frame class tokens, then every frame's patch tokens frame-major, after
-`ln_post`. The CLIP projection is not applied (mPLUG-2 never uses it).
+Spec: `shared/spec/mplug2.md` section 2 (mPLUG-2), `shared/spec/owl2.md` section 2
+(mPLUG-Owl2). Input video (B, T, H, W, 3) channels-last, CLIP-normalised; an image is a
+video with T = 1. Output (B, 1 + T'·G², D): the mean over frames of the per-frame class
+tokens, then every frame's patch tokens frame-major, after `ln_post` (with T = 1 the mean
+is the class token itself, so an image gives post-LN on all its tokens, as Owl2's ViT).
+The CLIP projection is not applied (neither family uses it).
 
 Per block: LocalTemporal #1 on patch tokens -> pre-norm spatial self-attention within
 each frame -> LocalTemporal #2 on patch tokens -> pre-norm QuickGELU MLP. Class tokens
 skip the temporal modules. There is no temporal position embedding.
+
+What differs between the families is configuration (`config.model.vision`): `ln_eps`
+(CLIP 1e-5, Owl2 1e-6), `temporal_adapter` (Owl2: off), the MLP width (`mlp_dim`, else
+`mlp_ratio` x width). The official fused q/k/v layouts (CLIP `[q;k;v]` blocks, Owl2's
+per-head Megatron layout) are converters' business: the parameters here are separate
+query/key/value kernels.
 """
 
 from __future__ import annotations
@@ -90,7 +99,7 @@ class VisionBlock(nn.Module):
                                       implementation=self.attention, name="attn", **kw)(h)
     x = temporal("temporal2", x)
     h = norms.Norm(cfg.ln_eps, name="mlp_norm", **kw)(x)
-    x = x + mlp.Mlp(cfg.mlp_ratio * width, width, act="quick_gelu", name="mlp", **kw)(h)
+    x = x + mlp.Mlp(mlp_width(cfg), width, act="quick_gelu", name="mlp", **kw)(h)
     x = axes.constrain(x)
     return x, (x if self.collect else None)
 
@@ -134,8 +143,9 @@ class PatchEmbed(nn.Module):
 class VideoEncoder(nn.Module):
   """The dual-vision encoder (CLIP ViT + local temporal modules).
 
-  Returns `(tokens, aux)` with `aux["vision_block_outputs"]` (L, B·T', 1+G², C) when
-  `collect` is set (parity tests), else an empty dict.
+  Returns `(tokens, aux)`; with `collect` set (parity tests) aux holds
+  "vision_embeddings" (B·T', 1+G², C), the block input after `ln_pre`, and
+  "vision_block_outputs" (L, B·T', 1+G², C); else it is empty.
   """
 
   cfg: ml_collections.ConfigDict  # config.model.vision
@@ -167,6 +177,7 @@ class VideoEncoder(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)), x], axis=1) + pos
     x = norms.Norm(cfg.ln_eps, name="ln_pre", **kw)(x)
     x = axes.constrain(x)
+    embeddings = x
 
     blocks = stack.stack(VisionBlock, cfg.layers, self.remat_policy, broadcast_args=1)
     x, per_block = blocks(cfg, frames, self.attention, self.collect, name="blocks", **kw)(x, None)
@@ -176,8 +187,14 @@ class VideoEncoder(nn.Module):
     patches = x[:, :, 1:].reshape(batch, frames * grid * grid, width)    # frame-major
     tokens = norms.Norm(cfg.ln_eps, name="ln_post", **kw)(
         jnp.concatenate([video_cls, patches], axis=1))
-    aux = {"vision_block_outputs": per_block} if self.collect else {}
+    aux = ({"vision_embeddings": embeddings, "vision_block_outputs": per_block}
+           if self.collect else {})
     return axes.constrain(tokens), aux
+
+
+def mlp_width(cfg: ml_collections.ConfigDict) -> int:
+  """The blocks' MLP hidden width: `mlp_dim` when set (> 0), else `mlp_ratio` x width."""
+  return int(cfg.get("mlp_dim", 0) or cfg.mlp_ratio * cfg.width)
 
 
 def num_tokens(cfg: ml_collections.ConfigDict, image_size: int, frames: int) -> int:

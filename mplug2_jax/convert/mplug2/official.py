@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 
+from mplug2_jax.convert.positions import resize_positional_embedding  # noqa: F401 (re-export)
 from mplug2_jax.layers import stack
 from mplug2_jax.models.mplug2 import config as mplug2_config
 
@@ -372,36 +373,6 @@ def model_config_from_official(case: dict) -> ml_collections.ConfigDict:
 
 
 # ---- resolution change and complete export ------------------------------------------------
-
-
-def resize_positional_embedding(table: np.ndarray, grid: int) -> np.ndarray:
-  """(1 + g², C) -> (1 + grid², C): bilinear on the patch grid, class entry kept.
-
-  Same arithmetic as `F.interpolate(mode="bilinear", align_corners=False)` that the
-  official loader uses (`models/vit.py:208-225`): half-pixel centres, source clamped at 0.
-  """
-  cls, patches = table[:1], table[1:]
-  old = int(round(np.sqrt(patches.shape[0])))
-  if old * old != patches.shape[0]:
-    raise ConversionError(f"positional embedding with {patches.shape[0]} patch rows is not a "
-                          f"square grid")
-  if old == grid:
-    return table
-
-  def weights(n_in: int, n_out: int) -> np.ndarray:
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(int), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = src - lo
-    w = np.zeros((n_out, n_in), np.float64)
-    w[np.arange(n_out), lo] += 1 - frac
-    w[np.arange(n_out), hi] += frac
-    return w
-
-  w = weights(old, grid)
-  image = patches.reshape(old, old, -1).astype(np.float64)
-  resized = np.einsum("ai,bj,ijc->abc", w, w, image).reshape(grid * grid, -1)
-  return np.concatenate([cls, resized.astype(table.dtype)], axis=0)
 
 
 class AdaptedStateDict(Mapping):

@@ -60,7 +60,7 @@ def vision_flops(m, batch: int, frames: int, image_size: int) -> tuple[float, fl
   patches = seqs * grid * grid
   embed = dense(patches, t_kernel * p * p * 3, w)
   per_block = attention(seqs, 1 + grid * grid, 1 + grid * grid, w)
-  per_block += 2 * dense(seqs * (1 + grid * grid), w, v.mlp_ratio * w)
+  per_block += 2 * dense(seqs * (1 + grid * grid), w, vit.mlp_width(v))
   if v.temporal_adapter:
     per_block += 2 * (dense(patches, w, w // 2) + dense(patches, w // 2, w))
   return embed, v.layers * per_block

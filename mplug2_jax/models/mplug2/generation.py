@@ -66,15 +66,24 @@ def beam_search(decode_fn: DecodeFn, encoder_states: jax.Array, encoder_mask: ja
 def beam_search_cached(model, params, encoder_states: jax.Array, encoder_mask: jax.Array, *,
                        beam_size: int, min_length: int, max_length: int) -> Generated:
   """The same search with key/value caches: one decoder position per step, and the
-  encoder keys/values projected once per sample (not per beam step). `model` is built with
-  `use_cache=True`."""
+  encoder keys/values projected once per sample. `model` is built with `use_cache=True`.
+
+  The caches are primed on the B samples (not the B x K beams) and then repeated for the
+  beams: a sample's beams share its encoder keys/values, which are therefore never
+  reordered; only the self-attention caches follow the beams.
+  """
   k, total = beam_size, max_length + 1
-  rows = encoder_states.shape[0] * k
-  states = jnp.repeat(encoder_states, k, axis=0)
-  states_mask = jnp.repeat(encoder_mask, k, axis=0)
-  ones = jnp.ones((rows, total), jnp.int32)
-  _, variables = model.apply({"params": params}, ones, ones, states, states_mask,
+  batch = encoder_states.shape[0]
+  rows = batch * k
+  ones = jnp.ones((batch, total), jnp.int32)
+  _, variables = model.apply({"params": params}, ones, ones, encoder_states, encoder_mask,
                              method=model_lib.Mplug2.decode, mutable=["cache"])
+  # Stacked layer caches are (layers, rows, ...); the write index (layers,) is shared.
+  cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=1) if c.ndim > 1 else c,
+                       variables["cache"])
+  states_mask = jnp.repeat(encoder_mask, k, axis=0)
+  # Only the cross-attention's projection input: its cached keys/values are used instead.
+  states = jnp.zeros((rows, 1, encoder_states.shape[-1]), encoder_states.dtype)
   one = jnp.ones((rows, 1), jnp.int32)
 
   def step_fn(cache, seqs, step):
@@ -86,11 +95,13 @@ def beam_search_cached(model, params, encoder_states: jax.Array, encoder_mask: j
     return logits[:, 0], variables["cache"]
 
   def reorder(cache, origin_rows):
-    # Stacked layer caches are (layers, rows, ...); the write index (layers,) is shared.
-    return jax.tree.map(lambda c: jnp.take(c, origin_rows, axis=1) if c.ndim > 1 else c, cache)
+    def one(path, c):
+      cross = any(getattr(p, "key", None) == "cross_attn" for p in path)
+      return c if cross or c.ndim == 1 else jnp.take(c, origin_rows, axis=1)
+    return jax.tree_util.tree_map_with_path(one, cache)
 
-  return search(step_fn, reorder, variables["cache"], encoder_states.shape[0],
-                beam_size=beam_size, min_length=min_length, max_length=max_length)
+  return search(step_fn, reorder, cache, batch, beam_size=beam_size, min_length=min_length,
+                max_length=max_length)
 
 
 def search(step_fn: StepFn, reorder_fn: ReorderFn, carry: Any, batch: int, *, beam_size: int,
