@@ -85,11 +85,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   if training:
     _validate_run(config)
   if num_devices is not None:
-    shape = dict(zip(config.mesh.axes, config_lib.mesh_shape(config, num_devices)))
-    batch_ways = shape.get("data", 1) * shape.get("fsdp", 1)
+    ways = config_lib.batch_ways(config, config_lib.mesh_shape(config, num_devices))
     if "batch_size" in config:
-      check(config.batch_size % batch_ways == 0, "batch_size", config.batch_size,
-            f"not divisible by the data x fsdp mesh axes ({batch_ways} ways)")
+      check(config.batch_size % ways == 0, "batch_size", config.batch_size,
+            f"not divisible by the batch's mesh axes (dcn x data x fsdp: {ways} ways)")
 
 
 def _validate_run(config: ml_collections.ConfigDict) -> None:

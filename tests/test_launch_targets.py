@@ -98,3 +98,54 @@ def test_xpk_two_slices_every_worker_plans_to_initialise():
   assert "--device-type=h100-80gb-8" in gpu and "--num-nodes=4" in gpu
   with pytest.raises(ValueError, match="one of --tpu_type"):
     xpk.command(["x"], cluster="c", workload="w", image="i")
+
+
+def dcn_config():
+  """A 2-slice mesh (dcn, data, fsdp, tensor) = (2, 1, 4, 1) on the 8 fake devices, as
+  `python -m mplug2_jax.benchmark.plan --dcn 2` builds it."""
+  from mplug2_jax import experiment
+  from mplug2_jax.benchmark import common
+
+  config = experiment.base_config("tiny", "caption")
+  config.model.num_frames = 1
+  config.total_steps = 10
+  config.mesh.axes = ("dcn",) + tuple(config.mesh.axes)
+  config.mesh.shape = (2, 1, 4, 1)
+  config.batch_size = 8
+  common.set_text_lengths(config, 6)
+  return config
+
+
+def test_dcn_mesh_axis_splits_the_batch_over_slices():
+  import jax
+
+  from mplug2_jax import experiment, sharding
+
+  config = dcn_config()
+  experiment.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config)
+  assert dict(mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1}
+  assert sharding.batch_sharding(mesh, config).spec[0] == ("dcn", "data", "fsdp")
+  config.batch_size = 4  # 8 batch ways
+  with pytest.raises(ValueError, match=r"batch_size=4: not divisible by the batch's mesh axes "
+                     r"\(dcn x data x fsdp: 8 ways\)"):
+    experiment.validate(config, jax.device_count())
+
+
+@pytest.mark.slow
+def test_dcn_mesh_axis_compiles_a_train_step():
+  """The plan tool's compile on the 2-slice mesh (the fast test above covers the mesh)."""
+  import jax
+
+  from mplug2_jax import sharding
+  from mplug2_jax.benchmark import common
+  from mplug2_jax.train import state as state_lib, step as step_lib
+
+  config = dcn_config()
+  mesh = sharding.make_mesh(config)
+  batch_sharding = sharding.batch_sharding(mesh, config)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+           for k, v in common.batch_spec(config).items()}
+  setup = state_lib.TrainSetup(config, mesh, batch)
+  compiled = step_lib.JittedStep(setup).lower(setup.abstract_sharded_state(), batch).compile()
+  assert compiled.memory_analysis() is not None
