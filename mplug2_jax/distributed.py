@@ -21,8 +21,9 @@ Modes (`--distributed`, env MPLUG2_DISTRIBUTED; `auto` takes the first that appl
             node come from SLURM_GPUS_ON_NODE (or SLURM_GPUS_PER_NODE, SLURM_JOB_GPUS), the
             ones this task sees from CUDA_VISIBLE_DEVICES. Coordinator: the first host of
             SLURM_STEP_NODELIST, port JAX_COORDINATOR_PORT or JAX's choice from the job id.
-  tpu       a Cloud TPU VM (Google TPU chips on the PCI bus) or a GKE TPU pod
-            (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES): `jax.distributed.initialize()`
+  tpu       a Cloud TPU VM (Google TPU chips on the PCI bus) or a GKE TPU pod (more than
+            one worker in TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES, or several slices
+            in MEGASCALE_NUM_SLICES): `jax.distributed.initialize()`
             on every host, as big_vision and MaxText do; JAX reads the worker list and this
             worker's id from the TPU VM metadata server (`agent-worker-number`,
             `worker-network-endpoints`) or, on GKE/JobSet, from TPU_WORKER_ID and
