@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates ./.venv (Python 3.11) and installs mplug2_jax with the given extras.
+# Creates ./.venv (Python 3.11 or 3.12) and installs mplug2_jax with the given extras, at
+# the exact tested versions of constraints.txt.
 # Idempotent: does nothing when setup.py and the extras have not changed since the last run.
 #   bash launch/setup.sh [extras, default "test"]
 set -euo pipefail
@@ -9,7 +10,7 @@ python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null || python=python3
 venv=.venv
 stamp="$venv/.installed"
-want="$(cat setup.py | sha256sum | cut -c1-16) $extras"
+want="$(cat setup.py constraints.txt | sha256sum | cut -c1-16) $extras"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi
@@ -22,7 +23,7 @@ spec=".[${extras}]"
 if [[ ",$extras," == *",torch,"* ]]; then
   "$venv/bin/python" -m pip install -q "torch==2.13.0"
 fi
-"$venv/bin/python" -m uv pip install --python "$venv/bin/python" -q -e "$spec"
+"$venv/bin/python" -m uv pip install --python "$venv/bin/python" -q -c constraints.txt -e "$spec"
 # pycocoevalcap's PTB tokenizer and METEOR run on Java.
 if ! command -v java >/dev/null 2>&1; then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then

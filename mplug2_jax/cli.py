@@ -1,8 +1,9 @@
 """Command-line plumbing shared by every entry point (absl flags).
 
   run(main)            `app.run` whose flag parsing turns a bad config (ConfigError from
-                       `get_config`, an override of a key that does not exist) into one
-                       line on stderr and exit status 2, instead of a traceback
+                       `get_config`, an override of a key that does not exist) or a bad
+                       launch (LaunchError) into one line on stderr and exit status 2,
+                       instead of a traceback
   parse(flag_values, argv, doc)
                        parses a module's own `flags.FlagValues` (CLIs whose flags must not
                        collide with others in one process: the data tools), with --help
@@ -16,7 +17,7 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
-from mplug2_jax.config_lib import ConfigError
+from mplug2_jax.config_lib import ConfigError, LaunchError
 
 
 def error_line(exc: BaseException, argv: Sequence[str] = ()) -> str | None:
@@ -59,6 +60,9 @@ def run(main: Callable[[list[str]], object]) -> None:
     except ConfigError as e:
       if not e.key:
         raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except LaunchError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 

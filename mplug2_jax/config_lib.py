@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import ml_collections
 
@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     else:
       self.key = key
       super().__init__(f"config.{key}={value!r}: {problem}")
+
+
+class LaunchError(RuntimeError):
+  """A bad launch (processes, devices, coordinator) found before any compute; `str()` is
+  one line naming what is wrong. Entry points print it like a ConfigError."""
 
 
 def check(ok: bool, key: str, value: Any, problem: str) -> None:
@@ -141,6 +146,33 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   check(math.prod(shape) == num_devices, "mesh.shape", shape,
         f"multiplies to {math.prod(shape)} but there are {num_devices} devices")
   return shape
+
+
+DCN_AXIS = "dcn"
+
+
+def effective_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """`config.sharding_rules` as tuples; with a `dcn` mesh axis (multi-slice TPU:
+  `mesh.axes=('dcn', 'data', 'fsdp', 'tensor')`, `mesh.shape=(slices, ...)`) the batch is
+  also split over it, so slices are data parallel over the data-center network while every
+  other axis stays inside a slice's ICI."""
+  rules = []
+  for name, target in config.sharding_rules:
+    target = tuple(target) if isinstance(target, list) else target
+    if name == "activation_batch" and DCN_AXIS in tuple(config.mesh.axes):
+      targets = () if target is None else (target,) if isinstance(target, str) else target
+      if DCN_AXIS not in targets:
+        target = (DCN_AXIS,) + tuple(targets)
+    rules.append((name, target))
+  return tuple(rules)
+
+
+def batch_ways(config: ml_collections.ConfigDict, shape: Sequence[int]) -> int:
+  """Into how many parts the batch is split on a mesh of `shape`."""
+  sizes = dict(zip(config.mesh.axes, shape))
+  target = dict(effective_rules(config))["activation_batch"]
+  targets = () if target is None else (target,) if isinstance(target, str) else target
+  return math.prod(sizes.get(t, 1) for t in targets)
 
 
 def validate_rules(config: ml_collections.ConfigDict) -> None:

@@ -91,15 +91,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   if training:
     _validate_run(config)
   if num_devices is not None:
-    shape = dict(zip(config.mesh.axes, config_lib.mesh_shape(config, num_devices)))
-    batch_ways = shape.get("data", 1) * shape.get("fsdp", 1)
+    ways = config_lib.batch_ways(config, config_lib.mesh_shape(config, num_devices))
     if "batch_size" in config:
-      check(config.batch_size % batch_ways == 0, "batch_size", config.batch_size,
-            f"not divisible by the data x fsdp mesh axes ({batch_ways} ways)")
+      check(config.batch_size % ways == 0, "batch_size", config.batch_size,
+            f"not divisible by the batch's mesh axes (dcn x data x fsdp: {ways} ways)")
       if training:  # each device's rows split evenly over the micro-batches (local batches)
         accum = int(config.optimizer.accum_steps)
-        check(config.batch_size % (batch_ways * accum) == 0, "batch_size", config.batch_size,
-              f"not divisible by optimizer.accum_steps={accum} x the {batch_ways} data x fsdp "
+        check(config.batch_size % (ways * accum) == 0, "batch_size", config.batch_size,
+              f"not divisible by optimizer.accum_steps={accum} x the {ways} dcn x data x fsdp "
               f"devices (each device's micro-batches must be equal)")
 
 

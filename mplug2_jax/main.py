@@ -3,10 +3,13 @@ r"""Training entry point.
   python -m mplug2_jax.main --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
 
 The config is locked (a mistyped `--config.key` fails instead of adding a key) and validated
-against the device count before any compute. Multi-process runs (TPU pods, SLURM, or the
-explicit `--coordinator_address/--num_processes/--process_id` flags) call
-`jax.distributed.initialize` first (distributed.py); every process runs this same
-command.
+against the device count before any compute. Multi-process runs (TPU pods, SLURM, GKE, or
+the explicit `--coordinator_address/--num_processes/--process_id` flags) start through
+`mplug2_jax.distributed` (its flags: --distributed, --local_device_ids, --num_hosts,
+--init_timeout), which checks the global device count against `config.mesh.shape` before
+any compile; every process runs this same command. The launchers in `mplug2_jax.launch`
+write these commands for TPU pods, GKE/xpk, SLURM and local multi-process runs
+(docs/launch.md).
 """
 
 from __future__ import annotations
@@ -17,16 +20,13 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mplug2_jax import cli
+from mplug2_jax import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py:data=/tmp/demo",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and plots go here.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
-                                   "host:port of process 0 (explicit multi-process start)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "processes (explicit start)")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "this process (explicit start)")
+_DISTRIBUTED = distributed.define_flags()
 _STOP_AFTER = flags.DEFINE_integer("stop_after", 0,
                                    "stop (with a checkpoint) after this many steps of this "
                                    "invocation; 0 = run to config.total_steps")
@@ -51,8 +51,7 @@ def main(argv):
   from mplug2_jax import hostenv
   hostenv.reexec_with_malloc_hugepages()  # host-side step temporaries (see hostenv.py)
   quiet_library_logs()
-  from mplug2_jax import distributed
-  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  plan = distributed.initialize(_DISTRIBUTED.plan())
 
   import jax
   from mplug2_jax import experiment
@@ -60,6 +59,7 @@ def main(argv):
   from mplug2_jax.train import loop
 
   config = _CONFIG.value
+  distributed.preflight(config.mesh, plan)
   experiment.validate(config, jax.device_count())
   experiment.check_input(config)
   if jax.process_index() == 0:

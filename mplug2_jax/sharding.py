@@ -28,14 +28,30 @@ from mplug2_jax import config_lib
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The device mesh. With a `dcn` axis and devices on several TPU slices, the `dcn` axis
+  runs across slices and the others within each (`create_hybrid_device_mesh`); elsewhere
+  (one slice, fake CPU devices for the plan tool) it is an ordinary mesh axis."""
   devices = jax.devices() if devices is None else devices
   shape = config_lib.mesh_shape(config, len(devices))
   axes = tuple(config.mesh.axes)
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  if config_lib.DCN_AXIS in axes and len(slices) > 1:
+    from jax.experimental import mesh_utils
+
+    i = axes.index(config_lib.DCN_AXIS)
+    if shape[i] != len(slices):
+      raise config_lib.ConfigError("mesh.shape", tuple(config.mesh.shape),
+                                   f"the dcn axis is {shape[i]} but the devices are on "
+                                   f"{len(slices)} slices")
+    ici = tuple(1 if j == i else s for j, s in enumerate(shape))
+    dcn = tuple(s if j == i else 1 for j, s in enumerate(shape))
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
   return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
 def rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
-  return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in config.sharding_rules)
+  return config_lib.effective_rules(config)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import pytest
 
 import jax
 
-from mplug2_jax import distributed, experiment, param_store, sharding
+from mplug2_jax import experiment, param_store, sharding
 from mplug2_jax.data import synthetic
 from mplug2_jax.models.mplug2 import flops
 from mplug2_jax.train import metrics as metrics_lib
@@ -219,18 +219,6 @@ def test_progress_line_and_writer_truncate_on_resume(tmp_path):
   assert line == ("step 3/10 | loss 1.5000 (itc 0.500) | lr 1.00e-03 | gnorm 2.000 | "
                   "12.0 samples/s | 0.010 TFLOP/s MFU 10.0% | skipped 1 non-finite | "
                   "ETA 1m15s")
-
-
-def test_distributed_detection():
-  assert distributed.detect({}) == ""
-  assert distributed.detect({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}) == ""
-  assert distributed.detect({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "16"}) == "slurm"
-  assert distributed.detect({"TPU_WORKER_HOSTNAMES": "localhost"}) == ""
-  assert distributed.detect({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}) == "tpu"
-  assert distributed.detect({"JAX_COORDINATOR_ADDRESS": "h:1"}) == "explicit"
-  assert distributed.detect({"OMPI_COMM_WORLD_SIZE": "4"}) == "mpi"
-  with pytest.raises(ValueError, match="num_processes"):
-    distributed.maybe_initialize("127.0.0.1:1234", environ={})
 
 
 # --------------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ _ATTENTION = flags.DEFINE_string(
     "the (T x S) probabilities of the 4,097 visual tokens out of memory.")
 _OUT = flags.DEFINE_string("out", "", "Write the raw per-device figures here (JSON), for "
                            "`python -m mplug2_jax.benchmark.roofline FILE...`.")
+_DCN = flags.DEFINE_integer("dcn", 1, "TPU slices: > 1 adds the `dcn` mesh axis (size dcn, "
+                            "data parallel across slices) before --mesh, which is then per "
+                            "slice (default (1, devices / dcn, 1)).")
 _OVERLAP = flags.DEFINE_float("overlap", 0.8, "Fraction of collective time hidden by compute.")
 
 def main(argv):
@@ -58,8 +61,12 @@ def main(argv):
   from mplug2_jax.train import step as step_lib
 
   config = experiment.load(_CONFIG.value)
-  mesh_shape = eval(_MESH.value) if _MESH.value else (1, devices, 1)  # noqa: S307
+  dcn = _DCN.value
+  mesh_shape = eval(_MESH.value) if _MESH.value else (1, devices // dcn, 1)  # noqa: S307
   config.mesh.shape = tuple(mesh_shape)
+  if dcn > 1:  # multi-slice: config_lib.effective_rules splits the batch over dcn too
+    config.mesh.axes = ("dcn",) + tuple(config.mesh.axes)
+    config.mesh.shape = (dcn,) + tuple(mesh_shape)
   config.model.update(dtype=_DTYPE.value, remat_policy=_REMAT.value, num_frames=_FRAMES.value,
                       attention=_ATTENTION.value)
   config.batch_size = devices * _PER_DEVICE.value // (mesh_shape[2] if len(mesh_shape) > 2 else 1)
@@ -96,7 +103,7 @@ def main(argv):
         f"{xla_flops / 1e12:.2f}, scanned stacks counted once)")
   print("collective bytes per device: " + ", ".join(
       f"{k} {v / 2**30:.2f} GiB" for k, v in comm.items() if v))
-  raw = dict(config=_CONFIG.value, devices=devices, mesh=list(mesh_shape),
+  raw = dict(config=_CONFIG.value, devices=devices, mesh=list(config.mesh.shape),
              per_device_batch=_PER_DEVICE.value, frames=_FRAMES.value, dtype=_DTYPE.value,
              remat=_REMAT.value, attention=_ATTENTION.value, compile_s=compile_s,
              argument_bytes=args_b, temp_bytes=temp_b, model_flops=flops,

@@ -26,12 +26,12 @@ Layout: `<out>/mplug2_records/<kind>/1.0.0/{dataset_info.json, *.array_record-*}
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+from etils import epath
 
 VERSION = "1.0.0"
 KINDS = {
@@ -134,11 +134,13 @@ def write(out_dir: str, kind: str,
 
 
 def find_dataset(path: str) -> str:
-  """The built dataset directory at or below `path` (the one holding dataset_info.json)."""
-  if os.path.exists(os.path.join(path, "dataset_info.json")):
-    return path
-  found = sorted(glob.glob(os.path.join(path, "**", "dataset_info.json"), recursive=True))
-  found = [os.path.dirname(f) for f in found if "incomplete" not in f]
+  """The built dataset directory at or below `path` (the one holding dataset_info.json);
+  local or gs:// (etils.epath: a walk, since object stores have no recursive glob)."""
+  root = epath.Path(path)
+  if (root / "dataset_info.json").exists():
+    return str(path)
+  found = sorted(str(d) for d, _, files in root.walk() if "dataset_info.json" in files)
+  found = [f for f in found if "incomplete" not in f]
   if len(found) != 1:
     raise FileNotFoundError(f"expected one built dataset under {path}, found {found or 'none'}")
   return found[0]

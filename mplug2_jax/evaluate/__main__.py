@@ -20,7 +20,9 @@ and prints the metric table beside the paper's numbers. Progress lines come from
 evaluators. Devices: the parameters are sharded over the mesh of `config.mesh` by the
 logical rules and every batch is split over its data axes (`eval.batch_size` must divide
 by them). Multi-process: every process runs this command; each reads its share of the
-split, and process 0 writes the files (padding removed, each example counted once).
+split, and process 0 writes the files (padding removed, each example counted once). The
+distributed flags (--distributed, --coordinator_address, ...) are those of
+`mplug2_jax.distributed`; paths may be local or gs:// (etils.epath).
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from mplug2_jax import cli
+from mplug2_jax import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/TASK.py[:args]",
                                           lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "parameter directory (params/ + "
                                   "model_config.json)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
+_DISTRIBUTED = distributed.define_flags()
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
@@ -42,11 +45,12 @@ def main(argv):
   del argv
   from absl import logging
 
-  from mplug2_jax import distributed
   from mplug2_jax.evaluate import runner
 
   logging.set_verbosity(logging.WARNING)  # library INFO chatter; progress is printed
-  distributed.maybe_initialize("", 0, -1)  # multi-process start (TPU pods, SLURM)
+  # Multi-process start (TPU pods, GKE, SLURM, explicit flags), then the device check.
+  plan = distributed.initialize(_DISTRIBUTED.plan())
+  distributed.preflight(_CONFIG.value.mesh, plan)
   runner.run(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value,
              log=lambda msg: print(msg, flush=True))
 

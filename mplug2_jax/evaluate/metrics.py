@@ -28,6 +28,16 @@ import numpy as np
 CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
+def require_java(what: str) -> None:
+  """Java is optional for everything but the caption metrics; say which metric needs it."""
+  import shutil
+
+  if shutil.which("java") is None:
+    raise RuntimeError(f"{what} need Java on PATH, and `java` is not found: install a JRE "
+                       "(e.g. `apt-get install default-jre-headless`, or `conda install "
+                       "openjdk` without root) or evaluate another task")
+
+
 def caption_metrics(predictions: Mapping[Hashable, str],
                     references: Mapping[Hashable, Sequence[str]], *, spice: bool = False,
                     per_item: bool = False) -> dict:
@@ -56,6 +66,8 @@ def caption_metrics(predictions: Mapping[Hashable, str],
   for i in ids:
     if not references[i]:
       raise ValueError(f"id {i!r} has no reference caption")
+  require_java("caption metrics (BLEU, METEOR, ROUGE-L, CIDEr: pycocoevalcap's PTB "
+               "tokenizer and METEOR)")
   tokenizer = PTBTokenizer()
   gts = tokenizer.tokenize({k: [{"caption": _one_line(c)} for c in references[i]]
                             for k, i in enumerate(ids)})

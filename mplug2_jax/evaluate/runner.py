@@ -50,8 +50,10 @@ def write_outputs(workdir, task: str, rows: list, metrics: dict, config,
         [{"question_id": r["question_id"], "answer": r["pred_answer"]} for r in rows]))
   if task == "grounding":
     from mplug2_jax.evaluate import grounding
-    with (out / "eval_log.txt").open("a") as f:
-      f.write(grounding.official_log_line(config.eval.split, metrics["accuracy_iou50"]) + "\n")
+    log = out / "eval_log.txt"  # appended to (read + rewrite: object stores cannot append)
+    before = log.read_text() if log.exists() else ""
+    log.write_text(before + grounding.official_log_line(
+        config.eval.split, metrics["accuracy_iou50"]) + "\n")
   (out / "metrics.json").write_text(json.dumps(
       {"task": task, "metrics": metrics, "paper": config.paper.to_dict(),
        "seconds": seconds, "config": json.loads(config.to_json())}, indent=2))

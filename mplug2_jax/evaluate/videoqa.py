@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from etils import epath
 
 from mplug2_jax.evaluate import common, metrics
 from mplug2_jax.models import registry
@@ -20,8 +21,7 @@ def load_answer_list(path_or_list) -> list[str]:
   """Answer list: JSON {answer: index} (keys in file order, official) or [answer]."""
   if isinstance(path_or_list, (list, tuple)):
     return [str(a) for a in path_or_list]
-  with open(path_or_list, encoding="utf-8") as f:
-    data = json.load(f)
+  data = json.loads(epath.Path(path_or_list).read_text(encoding="utf-8"))
   return [str(a) for a in (data.keys() if isinstance(data, dict) else data)]
 
 
@@ -62,8 +62,8 @@ def vqa_golds(rows, cfg) -> list[list[str]]:
   answers (the built VQA records keep distinct answers only, so that is approximate)."""
   if not cfg.gold_file:
     return [r["gold_answer"] for r in rows]
-  with open(cfg.gold_file, encoding="utf-8") as f:
-    table = {int(a["question_id"]): a["answer"] for a in json.load(f) if "answer" in a}
+  gold = json.loads(epath.Path(cfg.gold_file).read_text(encoding="utf-8"))
+  table = {int(a["question_id"]): a["answer"] for a in gold if "answer" in a}
   golds = []
   for r in rows:
     if r["question_id"] not in table:

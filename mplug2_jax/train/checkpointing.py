@@ -5,7 +5,9 @@
     .check()              raises CheckpointSaveError once an asynchronous save has failed
     .restore(abstract_state, iterator=None, step=None) -> (state, step)
     .latest_step(), .wait(), .close()
-  PreemptionGuard: SIGTERM -> flag; the loop saves (force=True) and exits.
+  PreemptionGuard: SIGTERM -> the step every process agrees to save at (JAX's preemption
+                   sync point when jax.distributed is up, else a signal flag); the loop
+                   saves (force=True) and exits.
 
 Layout: `workdir/checkpoints/<step>/{state, data, digests}`. `state` is the TrainState
 pytree (`StandardSave`); `data` is the iterator's `get_state()` as JSON, one file per
@@ -462,22 +464,30 @@ class Checkpoints:
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (preemption notice) into a flag the train loop polls.
+  """Preemption notices (SIGTERM) -> the step at which every process saves and stops.
 
     with PreemptionGuard() as guard:
       for step ...:
         ...
-        if guard.requested:
-          ckpt.save(step, state, it, force=True); ckpt.wait(); break
+        if guard.should_stop(step):
+          ckpt.save(step, state, it, force=True); break
 
-  Also honours orbax's multi-host preemption sync (`manager.reached_preemption`) when a
-  `Checkpoints` is given to `should_stop`. The previous handler is restored on exit.
+  With `jax.distributed` initialised (any multi-process run, and TPU VMs) the decision is
+  JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`): the
+  coordination service's notifier catches SIGTERM on whichever host gets it, every host
+  reports its step, and all of them return True at the same step (the largest reported + 1),
+  so a pod saves one consistent checkpoint instead of hanging in a collective. Every
+  process must call `should_stop` at every step, from the same start step. Python's signal
+  handler would replace that notifier's, so it is only installed for a single process
+  without `jax.distributed`, where a flag is enough. The previous handler is restored on
+  exit.
   """
 
   def __init__(self, signals=(signal.SIGTERM,)):
     self.signals = tuple(signals)
     self._event = threading.Event()
     self._previous = {}
+    self.synchronised = False
 
   def _handler(self, signum, frame):
     del frame
@@ -488,18 +498,23 @@ class PreemptionGuard:
     return self._event.is_set()
 
   def should_stop(self, step: int, checkpoints: Checkpoints | None = None) -> bool:
-    if self.requested:
-      return True
-    if checkpoints is not None:
-      return bool(checkpoints.manager.reached_preemption(step))
-    return False
+    """True at the step where this process (and every other one) saves and stops."""
+    del checkpoints  # kept for callers; the sync point does not depend on it
+    if self.synchronised:
+      from jax.experimental import multihost_utils
+
+      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+    return self.requested
 
   def __enter__(self):
-    for s in self.signals:
-      self._previous[s] = signal.signal(s, self._handler)
+    self.synchronised = jax.distributed.is_initialized()
+    if not self.synchronised:
+      for s in self.signals:
+        self._previous[s] = signal.signal(s, self._handler)
     return self
 
   def __exit__(self, *exc):
     for s, h in self._previous.items():
       signal.signal(s, h)
+    self._previous = {}
     return False

@@ -22,13 +22,16 @@ stays intact); a checkpoint that fails verification on restore is skipped for th
 one or stops the run (`config.checkpoint.on_corrupt`); the exported parameters are never
 written with a non-finite value (`param_store.save_params`).
 
-Outputs in `workdir` (process 0; local or gs://): `config.json`, `metrics.jsonl`,
-TensorBoard events in `tb/`, `loss_curves.png` at the end, `checkpoints/<step>/`, and
-when the run is done the final parameters (`params/` + `model_config.json`).
+Outputs in `workdir` (process 0; local or gs://, every path through etils.epath):
+`config.json`, `metrics.jsonl`, TensorBoard events in `tb/`, `loss_curves.png` at the end,
+`checkpoints/<step>/`, when the run is done the final parameters (`params/` +
+`model_config.json`), and `run_status.json` ({"status": done | preempted | stopped, "step"})
+when an invocation ends, which the launchers' restart loops read.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable
 
@@ -46,6 +49,7 @@ from mplug2_jax.train import state as state_lib
 from mplug2_jax.train import step as step_lib
 
 Evaluator = Callable[[Any], Callable[[Any], dict[str, float]]]
+STATUS_FILE = "run_status.json"
 
 
 def make_input(config: ml_collections.ConfigDict, batch_sharding):
@@ -232,6 +236,9 @@ def _train(config, workdir: epath.Path, evaluator, stop_after, guard) -> dict[st
     exported = str(param_store.save_params(workdir, state.params, config.model))
     logging.info("final parameters exported to %s/%s", exported, param_store.PARAMS_DIR)
   png = metrics_lib.plot_losses(workdir) if is_main and status == "done" else None
+  if is_main:
+    (workdir / STATUS_FILE).write_text(json.dumps(
+        {"status": status, "step": step, "total_steps": total}) + "\n")
   logging.info("%s at step %d (%s)", status, step, png or "no plot")
   return {"status": status, "step": step, "metrics": last, "plot": png, "export": exported,
           "step_flops": step_flops, "xla_flops": xla_flops}

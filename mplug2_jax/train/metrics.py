@@ -1,7 +1,10 @@
 """Metric writing: the progress line, `metrics.jsonl`, TensorBoard events, the loss PNG.
 
 Process 0 writes; other processes get a disabled writer. Paths go through etils.epath, so
-a `gs://` workdir works like a local one.
+a `gs://` workdir works like a local one: object stores cannot append, so on a URL workdir
+`metrics.jsonl` is rewritten whole at each write (it holds one line per logged step) and
+the TensorBoard event file is uploaded whole at each flush (`_EpathEventFile`, registered
+with tensorboardX for every URL scheme epath knows).
 """
 
 from __future__ import annotations
@@ -14,6 +17,45 @@ from absl import logging
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
+URL_SCHEMES = ("gs", "s3", "az", "hf")
+
+
+def is_url(path) -> bool:
+  return "://" in str(path)
+
+
+class _EpathEventFile:
+  """A tensorboardX record writer for object stores: buffers the records and writes the
+  whole object at each flush (tensorboardX's own GCS writer does the same, through
+  google-cloud-storage; this one goes through etils.epath like every other output)."""
+
+  def __init__(self, path: str):
+    self.path = epath.Path(path)
+    self.buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    self.path.write_bytes(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFactory:
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_tensorboard_schemes() -> None:
+  from tensorboardX import record_writer
+
+  for scheme in URL_SCHEMES:
+    record_writer.register_writer_factory(scheme, _EpathEventFactory())
 
 
 def _fmt_time(seconds: float) -> str:
@@ -72,14 +114,19 @@ class MetricWriter:
     self.enabled = enabled
     self.path = epath.Path(workdir) / METRICS_FILE
     self.tb = None
+    self._lines = None  # the whole file, kept for rewriting on a URL workdir
     if not enabled:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    if self.path.exists():
-      kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    kept = ([json.dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= resume_step]
+            if self.path.exists() else [])
+    self.path.write_text("".join(kept))
+    if is_url(workdir):
+      self._lines = kept
     try:
       from tensorboardX import SummaryWriter
+      if is_url(workdir):
+        _register_tensorboard_schemes()
       self.tb = SummaryWriter(str(epath.Path(workdir) / "tb"), purge_step=resume_step + 1)
     except ImportError:
       logging.warning("tensorboardX is not installed: no TensorBoard events")
@@ -87,8 +134,13 @@ class MetricWriter:
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
+    line = json.dumps({"step": step, **scalars}) + "\n"
+    if self._lines is not None:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
+    else:
+      with self.path.open("a") as f:
+        f.write(line)
     if self.tb is not None:
       for k, v in scalars.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
