@@ -61,6 +61,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.max_length = 2048           # raw ids per sample, each image placeholder counting one
                                 # (official model_max_length; the LLM sees the spliced length)
   d.images_per_sample = 1       # image slots per sample (official training: one image)
+  d.truncation = "expanded"     # "expanded": keep the longest prefix whose spliced length
+                                # (an image = its LLM tokens) fits max_length, an image
+                                # never cut; "raw": max_length raw ids (official, bug 14)
+  d.instruct_format = "conversation"  # "conversation" (instruction records, Vicuna-v1) |
+                                # "caption" (image_text records as `<|image|>caption</s>`,
+                                # stage-1 pre-training; our choice, unverified)
+  d.image_aspect = "pad"        # Owl2 images: pad (official training) | resize | crop
   # Grounding geometry (data/grounding.py; spec datasets.md 3.5). The frame is image_size
   # (official 336); the box targets are answer tokens. [unverified] = not pinned by the spec.
   d.grounding_train_norm = "clip"      # official training normalisation (CLIP mean/std)

@@ -348,3 +348,93 @@ def collate(examples: Sequence[dict[str, Any]], max_length: int) -> dict[str, np
     batch["images"] = np.stack([ex["image"] for ex in examples]).astype(np.float32)
     batch["has_image"] = np.array([ex["has_image"] for ex in examples], np.int32)
   return batch
+
+
+# --------------------------------------------------------------------------------------
+# The Grain pipeline's `instruct` task: one record -> one example of the Owl2 batch schema.
+# --------------------------------------------------------------------------------------
+
+TRUNCATIONS = ("expanded", "raw")
+FORMATS = ("conversation", "caption")
+
+
+def encode_caption(caption: str, tokenizer, max_length: int,
+                   tokens_per_image: int = 1) -> dict[str, Any]:
+  """An image-text pair as one plain sequence for stage-1 pre-training:
+  `<|image|>` + caption + `</s>` -> [-200, BOS, caption..., EOS], loss on the caption and
+  its EOS only. (LLaVA's PLAIN template; the official Owl2 code has no reachable stage-1
+  format, owl2.md bug 13, and the paper does not give one: our choice, unverified.)"""
+  if not caption.strip():
+    raise media.BadSample("empty_text", "empty caption")
+  ids = tokenize_with_images(IMAGE_MARKER + caption.strip() + "</s>", tokenizer)
+  labels = np.asarray(ids, np.int32).copy()
+  labels[:2] = IGNORE_INDEX  # the placeholder and the BOS after it
+  n = kept_length(ids, max_length, tokens_per_image)
+  return dict(input_ids=np.asarray(ids[:n], np.int32), labels=labels[:n],
+              truncated=n < len(ids), mismatch=False)
+
+
+def schema_example(encoded: dict[str, Any], image: np.ndarray | None, max_length: int,
+                   slots: int) -> dict[str, np.ndarray]:
+  """An encoded sample padded to the fixed batch row of `models/owl2/schema.py`:
+  input_ids / attention_mask / labels (max_length,), right padding with the pad id (the
+  official collator: attention = ids != pad), and `slots` image slots; slot 0 holds the
+  image when its placeholder survived truncation (a cut image is dropped with its
+  placeholder, never half kept), text-only samples fill no slot."""
+  ids = np.full(max_length, PAD_ID, np.int32)
+  labels = np.full(max_length, IGNORE_INDEX, np.int32)
+  n = min(len(encoded["input_ids"]), max_length)
+  ids[:n], labels[:n] = encoded["input_ids"][:n], encoded["labels"][:n]
+  out = dict(input_ids=ids, attention_mask=(ids != PAD_ID).astype(np.int32), labels=labels)
+  placeholders = int(np.sum(ids == IMAGE_TOKEN_ID))
+  if placeholders > slots:
+    raise media.BadSample("bad_text", f"{placeholders} image placeholders, "
+                          f"{slots} image slots (data.images_per_sample)")
+  if slots:
+    if image is None and placeholders:
+      raise media.BadSample("bad_text", "image placeholder without an image")
+    size = image.shape[0] if image is not None else 0
+    out["image_mask"] = (np.arange(slots) < placeholders).astype(np.int32)
+    if image is not None:
+      images = np.zeros((slots,) + image.shape, np.float32)
+      if placeholders:
+        images[0] = image
+      out["images"] = images
+    else:
+      out["images"] = np.zeros((slots, size, size, 3), np.float32)
+  return out
+
+
+def pipeline_example(record: dict[str, Any], tokenizer, *, max_length: int, image_size: int,
+                     slots: int, tokens_per_image: int, truncation: str = "expanded",
+                     fmt: str = "conversation", aspect: str = "pad",
+                     template: Template = VICUNA_V1) -> dict[str, np.ndarray]:
+  """A built record (`instruction` kind, or `image_text` with fmt="caption") -> one row of
+  the Owl2 batch schema. `truncation`: "expanded" keeps the longest prefix whose *spliced*
+  length (an image = `tokens_per_image` positions) fits `max_length` (owl2.md bug 14 done
+  right); "raw" cuts the raw ids at `max_length` as the official collator does (an image
+  still never loses part of its tokens: the model splices all of them, the static LLM
+  length has room). Raises `media.BadSample` on bad data."""
+  if truncation not in TRUNCATIONS:
+    raise ValueError(f"config.data.truncation={truncation!r}: one of {TRUNCATIONS}")
+  if fmt not in FORMATS:
+    raise ValueError(f"config.data.instruct_format={fmt!r}: one of {FORMATS}")
+  cost = tokens_per_image if truncation == "expanded" else 1
+  data = bytes(record.get("media", b""))
+  if fmt == "caption":
+    if not data:
+      raise media.BadSample("missing", "caption record without an image")
+    texts = record["texts"]
+    text = texts[0] if texts else b""
+    caption = text if isinstance(text, str) else bytes(text).decode("utf-8", "replace")
+    encoded = encode_caption(caption, tokenizer, max_length, cost)
+  else:
+    encoded = encode_conversation(record_conversation(record), tokenizer, max_length,
+                                  has_image=bool(data), template=template,
+                                  tokens_per_image=cost)
+  image = None
+  if data:
+    image = image_pixels(media.decode_image(data)[0], image_size, aspect)
+  elif slots:
+    image = np.zeros((image_size, image_size, 3), np.float32)
+  return schema_example(encoded, image, max_length, slots)

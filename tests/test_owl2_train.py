@@ -1,0 +1,191 @@
+"""mPLUG-Owl2 training through `python -m mplug2_jax.main`: both stage configs on the
+instruction demo data (Grain pipeline, Vicuna-v1 loss mask, images), decreasing loss,
+exact resume, stage-1 freezing (whole parameters and the text slices of the multiway
+parameters bit-identical), and the optimizer's slice masks and layer-wise lr.
+
+The runs are subprocesses on one CPU device sharing a persistent compilation cache, so a
+config compiles once (as in test_train_loop.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mplug2_jax import experiment, param_store
+from mplug2_jax.data import demo_instruction, instruction, pipeline, spm
+from mplug2_jax.train import metrics as metrics_lib
+from mplug2_jax.train import optimizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return os.environ.get("MPLUG2_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+  return demo_instruction.make_demo(str(tmp_path_factory.mktemp("owl2_demo")), 16, 4,
+                                    log=lambda *_: None)
+
+
+def run(cache, config, workdir, *extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.pop("JAX_DEFAULT_PRNG_IMPL", None)
+  proc = subprocess.run([sys.executable, "-m", "mplug2_jax.main", f"--config={config}",
+                         f"--workdir={workdir}", "--config.checkpoint.every_steps=2", *extra],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def sft_config(demo):
+  return (f"configs/owl2_sft.py:tiny,data={demo['instruction']},vocab={demo['tokenizer']},"
+          f"steps={STEPS}")
+
+
+def pretrain_config(demo):
+  return (f"configs/owl2_pretrain.py:tiny,data={demo['image_text']},"
+          f"vocab={demo['tokenizer']},steps={STEPS}")
+
+
+def losses(workdir):
+  return {r["step"]: (r["loss"], r["grad_norm"]) for r in metrics_lib.read_metrics(workdir)}
+
+
+@pytest.fixture(scope="module")
+def sft_run(cache, demo, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("sft"))
+  run(cache, sft_config(demo), workdir)
+  return workdir
+
+
+def test_pipeline_batch_follows_the_schema_and_the_template(demo):
+  config = experiment.load(sft_config(demo))
+  it = pipeline.make_iterator(config.data, split="train", batch_size=4, model_cfg=config.model,
+                              process_index=0, process_count=1)
+  batch = next(it)
+  tok = spm.SentencePieceTokenizer(demo["tokenizer"])
+  assert batch["input_ids"].shape == (4, config.data.max_length)
+  assert batch["images"].shape == (4, 1, 56, 56, 3)
+  for row in range(4):
+    ids, labels = batch["input_ids"][row], batch["labels"][row]
+    has_image = bool((ids == instruction.IMAGE_TOKEN_ID).any())
+    assert batch["image_mask"][row, 0] == int(has_image)
+    if not has_image:
+      np.testing.assert_array_equal(batch["images"][row], 0.0)
+    # Labels: only answers and their </s>, never the placeholder, BOS or padding.
+    kept = labels != instruction.IGNORE_INDEX
+    assert kept.any() and not kept[0]
+    np.testing.assert_array_equal(labels[kept], ids[kept])
+    assert (ids[kept] != instruction.IMAGE_TOKEN_ID).all()
+    prompt = tok.decode([int(i) for i in ids[:np.argmax(kept)] if i >= 0])
+    assert prompt.startswith(instruction.VICUNA_V1.system) and prompt.endswith("ASSISTANT:")
+
+
+def test_sft_loss_decreases_and_resume_is_exact(sft_run, cache, demo, tmp_path):
+  want = losses(sft_run)
+  assert sorted(want) == list(range(1, STEPS + 1))
+  assert want[STEPS][0] < want[1][0] - 0.05, want
+  workdir = str(tmp_path / "stopped")
+  proc = run(cache, sft_config(demo), workdir, "--stop_after=2")
+  assert "stopped at step 2" in proc.stdout
+  proc = run(cache, sft_config(demo), workdir)
+  assert "resumed from" in proc.stderr
+  assert losses(workdir) == want  # bit for bit
+
+
+def test_pretrain_trains_only_the_vision_side_and_the_image_branch(sft_run, cache, demo,
+                                                                  tmp_path):
+  """Stage 1 from the stage-2 run's parameters: the loss decreases; the frozen LLM
+  parameters and the text slices of the multiway ones stay bit-identical."""
+  workdir = str(tmp_path / "pretrain")
+  proc = run(cache, pretrain_config(demo), workdir, f"--config.init_checkpoint={sft_run}")
+  assert "parameters loaded, 0 kept from init" in proc.stderr
+  got = losses(workdir)
+  assert got[STEPS][0] < got[1][0], got
+  before = param_store.flatten(param_store.load_params(sft_run))
+  after = param_store.flatten(param_store.load_params(workdir))
+  for name in ("llm/embed/embedding", "llm/lm_head/kernel", "llm/norm/scale",
+               "llm/layers/mlp/wi/kernel", "llm/layers/attn/query/kernel",
+               "llm/layers/attn/out/kernel"):
+    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+  for name in ("llm/layers/attn/key/kernel", "llm/layers/attn/value/kernel",
+               "llm/layers/input_norm/scale", "llm/layers/post_norm/scale"):
+    np.testing.assert_array_equal(after[name][:, 0], before[name][:, 0], err_msg=name)
+    assert not np.array_equal(after[name][:, 1], before[name][:, 1]), name
+  for name in ("vision/blocks/mlp/wi/kernel", "abstractor/query_embeds"):
+    assert not np.array_equal(after[name], before[name]), name
+
+
+def test_partial_and_layer_decay_scale_adam_updates():
+  o = optimizer.default_optimizer_config()
+  o.update(schedule="constant", lr=0.1, weight_decay=0.5, no_decay=(), lr_mults=(),
+           partial=((r"^multi/", 1, (1,)),), layer_decay=0.5,
+           layer_decay_blocks=r"^vision/blocks/", layer_decay_embed=r"^vision/embed")
+  params = {"multi": {"kernel": jnp.ones((3, 2, 4))},
+            "vision": {"blocks": {"w": jnp.ones((3, 2))}, "embed": jnp.ones(2),
+                       "post": jnp.ones(2)}}
+  tx, _ = optimizer.make(o, params, total_steps=10)
+  grads = jax.tree.map(jnp.ones_like, params)
+  upd, _ = tx.update(grads, tx.init(params), params)
+  # First Adam step: -lr (1 + wd) per element (m / sqrt(v) = 1) times the factors.
+  base = -0.1 * (1 + 0.5)
+  np.testing.assert_allclose(upd["multi"]["kernel"][:, 0], 0.0)
+  np.testing.assert_allclose(upd["multi"]["kernel"][:, 1], base, rtol=1e-5)
+  np.testing.assert_allclose(upd["vision"]["blocks"]["w"],
+                             base * np.array([[0.125] * 2, [0.25] * 2, [0.5] * 2]), rtol=1e-5)
+  np.testing.assert_allclose(upd["vision"]["embed"], base * 0.0625, rtol=1e-5)
+  np.testing.assert_allclose(upd["vision"]["post"], base, rtol=1e-5)
+
+
+def test_sft_config_abstractor_lr_and_official_bug_switch():
+  groups = lambda c: {k: v for k, v in c.optimizer.lr_mults}
+  ours = experiment.load("configs/owl2_sft.py:7b")
+  assert groups(ours)["^abstractor/"] == pytest.approx(1e-4 / 2e-5)
+  official = experiment.load("configs/owl2_sft.py:7b,official_abstractor_lr=1")
+  assert "^abstractor/" not in groups(official)
+  assert (ours.optimizer.lr, ours.optimizer.weight_decay, ours.batch_size,
+          ours.data.max_length, ours.optimizer.frozen) == (2e-5, 0.0, 256, 2048, ())
+  assert ours.optimizer.warmup_steps == round(0.03 * ours.total_steps)
+  experiment.validate(ours, 8)
+  experiment.validate(experiment.load("configs/owl2_pretrain.py:7b"), 8)
+  bad = experiment.load("configs/owl2_sft.py:tiny,layer_decay=1.5")
+  with pytest.raises(Exception, match="optimizer.layer_decay"):
+    experiment.validate(bad, 1)
+
+
+def test_truncation_keeps_whole_images(demo):
+  tok = spm.SentencePieceTokenizer(demo["tokenizer"])
+  chat = [{"from": "human", "value": "<|image|>What colour is the shape?"},
+          {"from": "gpt", "value": "red"}]
+  full = instruction.encode_conversation(chat, tok, 10**6, has_image=True)
+  n = len(full["input_ids"])
+  where = int(np.flatnonzero(full["input_ids"] == instruction.IMAGE_TOKEN_ID)[0])
+  record = dict(texts=[json.dumps(chat)],
+                media=demo_instruction.demo.encode_jpeg(np.zeros((8, 8, 3), np.uint8)))
+  # Expanded budget too small for the image's 9 positions after the placeholder's prefix:
+  # the placeholder goes, and with it the image (no half image, slot empty).
+  budget = where + 9 - 1
+  row = instruction.pipeline_example(record, tok, max_length=budget, image_size=56, slots=1,
+                                     tokens_per_image=9)
+  assert not (row["input_ids"] == instruction.IMAGE_TOKEN_ID).any()
+  assert row["image_mask"].tolist() == [0]
+  # Enough room: the image stays, the rest is cut so that the spliced length fits.
+  row = instruction.pipeline_example(record, tok, max_length=n, image_size=56, slots=1,
+                                     tokens_per_image=9)
+  assert row["image_mask"].tolist() == [1]
+  assert int(row["attention_mask"].sum()) + 8 <= n
+  # Official raw truncation keeps max_length raw ids (the spliced row is longer).
+  row = instruction.pipeline_example(record, tok, max_length=n, image_size=56, slots=1,
+                                     tokens_per_image=9, truncation="raw")
+  assert int(row["attention_mask"].sum()) == n
