@@ -189,3 +189,90 @@ def test_truncation_keeps_whole_images(demo):
   row = instruction.pipeline_example(record, tok, max_length=n, image_size=56, slots=1,
                                      tokens_per_image=9, truncation="raw")
   assert int(row["attention_mask"].sum()) == n
+
+
+# --------------------------------------------------------------------------------------
+# LoRA.
+# --------------------------------------------------------------------------------------
+
+
+def lora_config(demo, steps=3):
+  return (f"configs/owl2_lora.py:tiny,data={demo['instruction']},vocab={demo['tokenizer']},"
+          f"steps={steps}")
+
+
+def test_lora_optimizer_state_holds_only_adapters(demo):
+  from mplug2_jax.models import registry
+
+  config = experiment.load(lora_config(demo))
+  family = registry.of(config.model)
+  model = family.build(config.model)
+  variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
+                                                family.init_batch(config.model)))
+  params = jax.tree.map(lambda x: x, __import__("flax").linen.meta.unbox(variables["params"]))
+  assert set(params) == {"base", "lora"}
+  adapted = sorted(optimizer.path_str(p).rsplit("/", 1)[0] for p, _ in
+                   jax.tree_util.tree_flatten_with_path(params["lora"])[0])
+  assert len(adapted) == 2 * 7  # a and b of q, k, v, o, gate, up, down
+  tx, _ = optimizer.make(config.optimizer, params, total_steps=3)
+  state = jax.eval_shape(tx.init, params)
+  sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(state)]
+  lora_size = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["lora"]))
+  assert sum(sizes) - sum(s for s in sizes if s <= 1) == 2 * lora_size  # Adam mu and nu
+
+
+def test_lora_merge_and_peft_layout_match_torch_linear_semantics():
+  """PEFT: y = x W^T + (alpha / r) x A^T B^T with A (r, in), B (out, r); ours folded into
+  the Flax kernel (D, heads, hd) must give the same y, and the multiway copies and layers
+  get their own module names."""
+  from mplug2_jax.models.owl2 import lora
+
+  cfg = lora.default_config()
+  cfg.update(rank=2, alpha=6.0)
+  rng = np.random.default_rng(0)
+  layers, d, heads, hd = 2, 4, 3, 2
+  base = {"llm": {"layers": {"attn": {
+      "query": {"kernel": rng.normal(size=(layers, d, heads, hd)).astype(np.float32)},
+      "key": {"kernel": rng.normal(size=(layers, 2, d, heads, hd)).astype(np.float32)}}}}}
+  adapters = {"llm": {"layers": {"attn": {
+      "query": {"kernel": {"a": rng.normal(size=(layers, d, 2)).astype(np.float32),
+                           "b": rng.normal(size=(layers, 2, heads * hd)).astype(np.float32)}},
+      "key": {"kernel": {"a": rng.normal(size=(layers, 2, d, 2)).astype(np.float32),
+                         "b": rng.normal(size=(layers, 2, 2, heads * hd)).astype(np.float32)}}}}}}
+  merged = lora.merge(base, adapters, cfg)
+  state = lora.peft_state(adapters, cfg)
+  assert len(state) == 2 * (layers + 2 * layers)
+  x = rng.normal(size=(5, d)).astype(np.float32)
+  for i in range(layers):
+    for name, kernel, m in (("self_attn.q_proj", "query", None),
+                            ("self_attn.k_proj.multiway.1", "key", 1)):
+      w = base["llm"]["layers"]["attn"][kernel]["kernel"][i]
+      mk = np.asarray(merged["llm"]["layers"]["attn"][kernel]["kernel"][i])
+      if m is not None:
+        w, mk = w[m], mk[m]
+      torch_w = w.reshape(d, -1).T                             # official (out, in)
+      a = state[f"base_model.model.model.layers.{i}.{name}.lora_A.weight"]
+      b = state[f"base_model.model.model.layers.{i}.{name}.lora_B.weight"]
+      want = x @ torch_w.T + 3.0 * (x @ a.T) @ b.T
+      np.testing.assert_allclose(x @ mk.reshape(d, -1), want, rtol=1e-5, atol=1e-5)
+  targets = lora.peft_config(cfg)["target_modules"]
+  assert "k_proj.multiway.0" in targets and "lm_head" not in targets and "q_proj" in targets
+
+
+def test_lora_training_keeps_base_weights_bit_identical(cache, demo, tmp_path):
+  import orbax.checkpoint as ocp
+
+  workdir = str(tmp_path / "lora")
+  run(cache, lora_config(demo), workdir, "--config.checkpoint.every_steps=1")
+  got = losses(workdir)
+  assert got[3][0] < got[1][0], got
+  with ocp.StandardCheckpointer() as c:
+    first = c.restore(os.path.join(workdir, "checkpoints", "1", "state"))["params"]
+  final = param_store.flatten(param_store.load_params(workdir))
+  first = param_store.flatten(first)
+  assert final.keys() == first.keys()
+  for k in final:
+    if k.startswith("base/"):
+      np.testing.assert_array_equal(final[k], np.asarray(first[k]), err_msg=k)
+  assert any(not np.array_equal(final[k], np.asarray(first[k])) for k in final
+             if k.startswith("lora/") and k.endswith("/b"))

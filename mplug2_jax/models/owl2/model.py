@@ -178,6 +178,12 @@ class Owl2(nn.Module):
 
 def build(config: ml_collections.ConfigDict, *, deterministic: bool = True,
           collect: bool = False, use_cache: bool = False) -> Owl2:
-  """The model for `config.model` (frozen, so it can be a static jit argument)."""
+  """The model for `config.model` (frozen, so it can be a static jit argument); with
+  `config.model.lora.rank > 0` the LoRA-adapted model (`lora.py`)."""
+  if config.get("lora") is not None and config.lora.rank > 0:
+    from mplug2_jax.models.owl2 import lora
+
+    return lora.LoraOwl2(ml_collections.FrozenConfigDict(config), deterministic=deterministic,
+                         collect=collect, use_cache=use_cache)
   return Owl2(ml_collections.FrozenConfigDict(config), deterministic=deterministic,
               collect=collect, use_cache=use_cache)
