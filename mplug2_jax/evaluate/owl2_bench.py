@@ -1,0 +1,291 @@
+"""mPLUG-Owl2 benchmark formats: prompts, official file layouts, answer extraction, scores.
+
+Formats (`FORMATS`), each scored from {question_id: generated text} and the gold file:
+
+  vqa      open answers, VQA accuracy (min(1, matches / 3) over the leave-one-out subsets
+           of the human answers, the standard normalisation: `metrics.vqa_score`); VQAv2,
+           TextVQA, OK-VQA, VizWiz. GQA has one answer: exact match after normalisation.
+  choice   multiple choice with lettered options (MMBench, ScienceQA-IMG): the letter is
+           extracted from the generated text (`extract_letter`), accuracy in %.
+  yesno    MME: per sub-task, acc = % of questions answered right, acc+ = % of images whose
+           questions (two per image) are all right; sub-task score = acc + acc+; the
+           perception score is the sum over its sub-tasks.
+  text_mc  text-only multiple choice (MMLU): letter extraction, accuracy overall (micro)
+           and the mean over subjects (macro).
+  caption  COCO / NoCaps / Flickr30K captions: `metrics.caption_metrics` (pycocoevalcap).
+
+Prompts: the official benchmark prompt of owl2.md 8 for VQA ("USER: <|image|>{q} Answer
+the question using a single word or phrase. ASSISTANT: ", `evaluate/evaluate_vqa.py:162`);
+the others follow the same mplug_owl2 template with the LLaVA-1.5 instruction suffixes
+(multiple choice "Answer with the option's letter from the given choices directly.",
+captioning "Provide a one-sentence caption for the provided image."): our choice, not
+checked against the official evaluation scripts. Greedy decoding with the official
+max_new_tokens (10 for VQA / MME / MMBench, 60 for captions).
+
+Paper numbers (`BENCHMARKS[...]["paper"]`) are from memory of arXiv 2311.04257 tables and
+are **unverified**.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mplug2_jax.evaluate import metrics
+
+FORMATS = ("vqa", "choice", "yesno", "text_mc", "caption")
+TEMPLATE = "USER: {image}{text} ASSISTANT: "
+IMAGE = "<|image|>"
+SHORT = "Answer the question using a single word or phrase."
+LETTER = "Answer with the option's letter from the given choices directly."
+CAPTION = "Provide a one-sentence caption for the provided image."
+
+# One row per paper table entry: format, metric key, greedy max_new_tokens, paper value
+# (unverified, from memory), and the official gold layout read by `read_gold`.
+BENCHMARKS: dict[str, dict[str, Any]] = {
+    "vqav2": dict(format="vqa", metric="accuracy", max_new_tokens=10, paper=79.4,
+                  layout="vqa_v2"),
+    "okvqa": dict(format="vqa", metric="accuracy", max_new_tokens=10, paper=57.7,
+                  layout="vqa_v2"),
+    "textvqa": dict(format="vqa", metric="accuracy", max_new_tokens=10, paper=58.2,
+                    layout="textvqa"),
+    "vizwiz": dict(format="vqa", metric="accuracy", max_new_tokens=10, paper=54.5,
+                   layout="vizwiz"),
+    "gqa": dict(format="vqa", metric="exact_match", max_new_tokens=10, paper=56.1,
+                layout="gqa"),
+    "scienceqa_img": dict(format="choice", metric="accuracy", max_new_tokens=10, paper=68.7,
+                          layout="jsonl_choice"),
+    "mmbench": dict(format="choice", metric="accuracy", max_new_tokens=10, paper=64.5,
+                    layout="mmbench_tsv"),
+    "mme": dict(format="yesno", metric="perception", max_new_tokens=10, paper=1450.2,
+                layout="mme"),
+    "mmlu": dict(format="text_mc", metric="accuracy", max_new_tokens=10, paper=53.4,
+                 layout="mmlu_csv"),
+    "coco_caption": dict(format="caption", metric="CIDEr", max_new_tokens=60, paper=137.3,
+                         layout="coco_caption"),
+    "flickr30k": dict(format="caption", metric="CIDEr", max_new_tokens=60, paper=85.1,
+                      layout="coco_caption"),
+}
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
+                  "landmark", "artwork", "OCR")
+
+
+# --------------------------------------------------------------------------------------
+# Prompts.
+# --------------------------------------------------------------------------------------
+
+
+def options_text(options: Sequence[str]) -> str:
+  return "\n".join(f"{chr(ord('A') + i)}. {o}" for i, o in enumerate(options))
+
+
+def prompt(fmt: str, question: str = "", options: Sequence[str] = (),
+           has_image: bool = True) -> str:
+  """The mplug_owl2 inference prompt of one example (no system prompt, owl2.md 6)."""
+  if fmt not in FORMATS:
+    raise ValueError(f"benchmark format {fmt!r} not in {FORMATS}")
+  if fmt == "caption":
+    text = CAPTION
+  elif fmt in ("choice", "text_mc"):
+    text = f"{question}\n{options_text(options)}\n{LETTER}"
+  elif fmt == "yesno":
+    text = question
+  else:
+    text = f"{question} {SHORT}"
+  return TEMPLATE.format(image=IMAGE if has_image else "", text=text)
+
+
+# --------------------------------------------------------------------------------------
+# Answer extraction.
+# --------------------------------------------------------------------------------------
+
+_ANY_LETTER = re.compile(r"(?:^|[\s(])([A-Z])(?=[\).:,]|\s|$)")
+
+
+def extract_letter(text: str, options: Sequence[str]) -> str:
+  """The option letter a generated answer names, or "" if none or ambiguous:
+  1. the valid letter standing alone ("B", "B.", "(B) ...", "The answer is C."), if exactly
+     one valid letter does;
+  2. else, with no standalone letter, the only option whose text appears in the answer
+     (case-insensitive)."""
+  valid = {chr(ord("A") + i) for i in range(len(options))}
+  found = {x for x in _ANY_LETTER.findall(text) if x in valid}
+  if len(found) == 1:
+    return found.pop()
+  if found:
+    return ""
+  lower = text.lower()
+  named = [chr(ord("A") + i) for i, o in enumerate(options) if o and o.lower() in lower]
+  return named[0] if len(named) == 1 else ""
+
+
+def yes_no(text: str) -> str:
+  """"yes" / "no" from the start of an answer (MME convention), else "other"."""
+  words = re.findall(r"[a-z]+", text.lower())
+  if words and words[0] in ("yes", "no"):
+    return words[0]
+  return "other"
+
+
+# --------------------------------------------------------------------------------------
+# Scores.
+# --------------------------------------------------------------------------------------
+
+
+def score_vqa(preds: Mapping[Any, str], golds: Mapping[Any, Sequence[str]]) -> dict:
+  """VQA accuracy (%) over the gold questions (a missing prediction scores 0)."""
+  scores = [metrics.vqa_score(preds.get(q, ""), g) for q, g in golds.items()]
+  return {"accuracy": 100.0 * float(np.mean(scores)), "num": len(scores)}
+
+
+def score_exact(preds: Mapping[Any, str], golds: Mapping[Any, str]) -> dict:
+  """Exact match (%) after the standard answer normalisation (GQA)."""
+  hits = [metrics.normalize_vqa_answer(preds.get(q, "")) == metrics.normalize_vqa_answer(g)
+          for q, g in golds.items()]
+  return {"exact_match": 100.0 * float(np.mean(hits)), "num": len(hits)}
+
+
+def score_choice(preds: Mapping[Any, str], golds: Mapping[Any, dict]) -> dict:
+  """Accuracy (%) of extracted letters; golds {qid: {answer: letter, options: [...],
+  subject?: str}}; with subjects also the macro mean over subjects."""
+  hits, by_subject = [], defaultdict(list)
+  for q, g in golds.items():
+    hit = extract_letter(preds.get(q, ""), g["options"]) == g["answer"]
+    hits.append(hit)
+    if g.get("subject"):
+      by_subject[g["subject"]].append(hit)
+  out = {"accuracy": 100.0 * float(np.mean(hits)), "num": len(hits)}
+  if by_subject:
+    out["accuracy_macro"] = 100.0 * float(np.mean([np.mean(v) for v in by_subject.values()]))
+  return out
+
+
+def score_mme(preds: Mapping[Any, str], golds: Mapping[Any, dict]) -> dict:
+  """MME scores; golds {qid: {answer: "Yes"|"No", task, image}}."""
+  per_task: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+  for q, g in golds.items():
+    right = yes_no(preds.get(q, "")) == g["answer"].strip().lower()
+    per_task[g["task"]][g["image"]].append(right)
+  out: dict[str, float] = {}
+  for task, images in per_task.items():
+    answers = [r for rs in images.values() for r in rs]
+    acc = 100.0 * float(np.mean(answers))
+    acc_plus = 100.0 * float(np.mean([all(rs) for rs in images.values()]))
+    out[f"{task}/acc"], out[f"{task}/acc_plus"] = acc, acc_plus
+    out[task] = acc + acc_plus
+  out["perception"] = float(sum(out[t] for t in MME_PERCEPTION if t in out))
+  out["cognition"] = float(sum(out[t] for t in per_task if t not in MME_PERCEPTION))
+  return out
+
+
+def score(fmt: str, preds: Mapping[Any, str], golds: Mapping[Any, Any],
+          metric: str = "") -> dict:
+  if fmt == "vqa":
+    return score_exact(preds, golds) if metric == "exact_match" else score_vqa(preds, golds)
+  if fmt in ("choice", "text_mc"):
+    return score_choice(preds, golds)
+  if fmt == "yesno":
+    return score_mme(preds, golds)
+  if fmt == "caption":
+    return metrics.caption_metrics({q: preds.get(q, "") for q in golds}, golds)
+  raise ValueError(f"benchmark format {fmt!r} not in {FORMATS}")
+
+
+# --------------------------------------------------------------------------------------
+# Official file layouts -> (examples, golds).
+# An example: {question_id, question, image (file name or ""), options}.
+# --------------------------------------------------------------------------------------
+
+
+def read_gold(layout: str, paths: Sequence[str]) -> tuple[list[dict], dict]:
+  """Examples and golds of an official layout:
+
+    vqa_v2        questions JSON {"questions": [{question_id, image_id, question}]} and
+                  annotations JSON {"annotations": [{question_id, answers: [{answer}]}]};
+                  image = COCO_val2014_{image_id:012d}.jpg
+    textvqa       TextVQA JSON {"data": [{question_id, image_id, question, answers}]}
+    vizwiz        VizWiz JSON list [{image, question, answers: [{answer}]}] (qid = index)
+    gqa           GQA JSON {qid: {imageId, question, answer}}
+    jsonl_choice  JSONL {question_id, image, question, options: [...], answer: letter}
+    mmbench_tsv   MMBench TSV: index, question, A, B, C, D, answer, image (base64: kept
+                  as the string "b64:<index>"), category
+    mme           MME txt files "<task>.txt" of lines "image<TAB>question<TAB>Yes|No"
+    mmlu_csv      MMLU CSVs "<subject>_test.csv": question, A, B, C, D, answer (no header)
+    coco_caption  COCO captions JSON {"images": [{id, file_name}], "annotations":
+                  [{image_id, caption}]}
+  """
+  if layout == "vqa_v2":
+    qs = json.load(open(paths[0], encoding="utf-8"))["questions"]
+    ann = {a["question_id"]: [x["answer"] for x in a["answers"]]
+           for a in json.load(open(paths[1], encoding="utf-8"))["annotations"]}
+    examples = [dict(question_id=q["question_id"], question=q["question"],
+                     image=f"COCO_val2014_{int(q['image_id']):012d}.jpg") for q in qs]
+    return examples, {q["question_id"]: ann[q["question_id"]] for q in qs}
+  if layout == "textvqa":
+    data = json.load(open(paths[0], encoding="utf-8"))["data"]
+    return ([dict(question_id=d["question_id"], question=d["question"],
+                  image=f"{d['image_id']}.jpg") for d in data],
+            {d["question_id"]: list(d["answers"]) for d in data})
+  if layout == "vizwiz":
+    data = json.load(open(paths[0], encoding="utf-8"))
+    return ([dict(question_id=i, question=d["question"], image=d["image"])
+             for i, d in enumerate(data)],
+            {i: [a["answer"] for a in d["answers"]] for i, d in enumerate(data)})
+  if layout == "gqa":
+    data = json.load(open(paths[0], encoding="utf-8"))
+    return ([dict(question_id=k, question=v["question"], image=f"{v['imageId']}.jpg")
+             for k, v in data.items()], {k: v["answer"] for k, v in data.items()})
+  if layout == "jsonl_choice":
+    rows = [json.loads(line) for line in open(paths[0], encoding="utf-8") if line.strip()]
+    return ([dict(question_id=r["question_id"], question=r["question"],
+                  image=r.get("image", ""), options=r["options"]) for r in rows],
+            {r["question_id"]: dict(answer=r["answer"], options=r["options"],
+                                    subject=r.get("subject", "")) for r in rows})
+  if layout == "mmbench_tsv":
+    with open(paths[0], encoding="utf-8", newline="") as f:
+      rows = list(csv.DictReader(f, delimiter="\t"))
+    examples, golds = [], {}
+    for r in rows:
+      options = [r[k] for k in "ABCD" if r.get(k) not in (None, "", "nan")]
+      qid = int(r["index"])
+      examples.append(dict(question_id=qid, question=r["question"], image=f"b64:{qid}",
+                           options=options))
+      golds[qid] = dict(answer=r["answer"].strip(), options=options,
+                        subject=r.get("category", ""))
+    return examples, golds
+  if layout == "mme":
+    examples, golds = [], {}
+    for path in paths:
+      task = re.sub(r"\.txt$", "", path.replace("\\", "/").rsplit("/", 1)[-1])
+      for line in open(path, encoding="utf-8"):
+        if not line.strip():
+          continue
+        image, question, answer = line.rstrip("\n").split("\t")
+        qid = f"{task}/{len(golds)}"
+        examples.append(dict(question_id=qid, question=question, image=image))
+        golds[qid] = dict(answer=answer, task=task, image=image)
+    return examples, golds
+  if layout == "mmlu_csv":
+    examples, golds = [], {}
+    for path in paths:
+      subject = re.sub(r"_test\.csv$", "", path.replace("\\", "/").rsplit("/", 1)[-1])
+      with open(path, encoding="utf-8", newline="") as f:
+        for i, row in enumerate(csv.reader(f)):
+          qid = f"{subject}/{i}"
+          examples.append(dict(question_id=qid, question=row[0], image="", options=row[1:5]))
+          golds[qid] = dict(answer=row[5].strip(), options=row[1:5], subject=subject)
+    return examples, golds
+  if layout == "coco_caption":
+    data = json.load(open(paths[0], encoding="utf-8"))
+    refs: dict[Any, list[str]] = defaultdict(list)
+    for a in data["annotations"]:
+      refs[a["image_id"]].append(a["caption"])
+    return ([dict(question_id=im["id"], question="", image=im["file_name"])
+             for im in data["images"]], dict(refs))
+  raise ValueError(f"benchmark layout {layout!r} unknown")
