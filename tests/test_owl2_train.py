@@ -343,3 +343,23 @@ def test_peft_export_loads_and_merges_in_torch(tmp_path):
     for name, want in torch_weights(merged, i).items():
       got = merged_torch.model.layers[i].get_submodule(name).weight.detach().numpy()
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{i} {name}")
+
+
+def test_batched_greedy_eval_left_and_right_padding_agree(sft_run, demo):
+  """Every demo question answered once; left padding (official benchmarks) gives the
+  same greedy answers as right padding (same shapes: one compile)."""
+  from mplug2_jax.evaluate import owl2_bench as bench
+
+  config = experiment.load(sft_config(demo))
+  params = param_store.load_params(sft_run)
+  tok = spm.SentencePieceTokenizer(demo["tokenizer"])
+  examples, golds = bench.read_gold("demo_jsonl", [demo["questions_test"]])
+  root = os.path.join(os.path.dirname(demo["questions_test"]), "images")
+  kw = dict(fmt="vqa", tokenizer=tok, image_root=root, max_new_tokens=3, batch_size=4,
+            length=96, style="vicuna_v1")
+  left = bench.predict(config.model, params, examples, padding="left", **kw)
+  right = bench.predict(config.model, params, examples, padding="right", **kw)
+  assert sorted(left) == sorted(golds) and left == right
+  scores = bench.score_demo(left, golds)
+  assert {k.split("/")[0] for k in scores} <= {"open", "choice", "text"}
+  assert all(0.0 <= v <= 100.0 for k, v in scores.items() if not k.endswith("/num"))

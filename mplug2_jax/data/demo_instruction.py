@@ -13,8 +13,9 @@ arithmetic and opposites), so batches mix text-only and image samples. Written:
   DIR/raw/images/{split}_{i:05d}.jpg
   DIR/raw/instruction_{split}.json    Owl2 / LLaVA instruction list {id, image?, conversations}
   DIR/raw/image_text_{split}.json     the same images with captions (stage-1 pairs)
-  DIR/raw/questions_{split}.jsonl     one held-out question per line {question_id, image?,
-                                      question, answer, kind: open | choice | text, options?}
+  DIR/raw/questions_{split}.jsonl     one question per line {question_id, image ("" for
+                                      text), question, answer, kind: open | choice | text,
+                                      format: vqa | choice (evaluate/owl2_bench.py), options?}
   DIR/tokenizer.model                 a LLaMA-layout SentencePiece model of the demo text
   DIR/{instruction,image_text}/       built datasets (`build.build`)
 """
@@ -78,10 +79,12 @@ def image_questions(rng: np.random.Generator, colour: str, shape: str,
            (f"How many {plural} are there?", COUNT_WORDS[count - 1], COUNT_WORDS)]
   out = []
   for question, answer, pool in facts:
-    out.append(dict(kind="open", question=f"{question}\n{OPEN_SUFFIX}", answer=answer))
+    out.append(dict(kind="open", format="vqa", ask=question,
+                    question=f"{question}\n{OPEN_SUFFIX}", answer=answer))
     text, letter, options = _choice(rng, answer, pool)
-    out.append(dict(kind="choice", question=f"{question}\n{text}\n{CHOICE_SUFFIX}",
-                    answer=letter, options=options))
+    out.append(dict(kind="choice", format="choice", ask=question,
+                    question=f"{question}\n{text}\n{CHOICE_SUFFIX}", answer=letter,
+                    options=options))
   return out
 
 
@@ -89,11 +92,22 @@ def text_question(rng: np.random.Generator) -> dict:
   """A text-only question: word arithmetic or an opposite."""
   if rng.random() < 0.5:
     a, b = (int(x) for x in rng.integers(0, 4, 2))
-    return dict(kind="text", question=f"What is {NUMBERS[a]} plus {NUMBERS[b]}?\n{OPEN_SUFFIX}",
+    ask = f"What is {NUMBERS[a]} plus {NUMBERS[b]}?"
+    return dict(kind="text", format="vqa", ask=ask, question=f"{ask}\n{OPEN_SUFFIX}",
                 answer=NUMBERS[a + b])
   word = list(OPPOSITES)[int(rng.integers(len(OPPOSITES)))]
-  return dict(kind="text", question=f"What is the opposite of {word}?\n{OPEN_SUFFIX}",
+  ask = f"What is the opposite of {word}?"
+  return dict(kind="text", format="vqa", ask=ask, question=f"{ask}\n{OPEN_SUFFIX}",
               answer=OPPOSITES[word])
+
+
+def _held_out(q: dict, question_id: int, image: str = "") -> dict:
+  """A question file line: the bare question (the evaluator adds the format's suffix)."""
+  out = dict(question_id=question_id, kind=q["kind"], format=q["format"], question=q["ask"],
+             answer=q["answer"], image=image)
+  if "options" in q:
+    out["options"] = q["options"]
+  return out
 
 
 def caption(colour: str, shape: str, count: int) -> str:
@@ -118,7 +132,7 @@ def write_raw(out: str, num_train: int = 256, num_test: int = 64, size: int = 56
         for t in turns:
           conv += [{"from": "human", "value": t["question"]}, {"from": "gpt", "value": t["answer"]}]
         instructions.append({"id": name, "conversations": conv})
-        questions.append(dict(turns[0], question_id=len(questions)))
+        questions.append(_held_out(turns[0], len(questions)))
         continue
       colour = COLOURS[int(rng.integers(len(COLOURS)))]
       shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -136,7 +150,7 @@ def write_raw(out: str, num_train: int = 256, num_test: int = 64, size: int = 56
       instructions.append({"id": name, "image": image, "conversations": conv})
       pairs.append({"image": image, "image_id": i, "caption": caption(colour, shape, count)})
       q = asked[int(rng.integers(len(asked)))]
-      questions.append(dict(q, image=image, question_id=len(questions)))
+      questions.append(_held_out(q, len(questions), image))
     for kind, rows in (("instruction", instructions), ("image_text", pairs)):
       path = os.path.join(raw, f"{kind}_{split}.json")
       with open(path, "w", encoding="utf-8") as f:
