@@ -438,3 +438,76 @@ def pipeline_example(record: dict[str, Any], tokenizer, *, max_length: int, imag
   elif slots:
     image = np.zeros((image_size, image_size, 3), np.float32)
   return schema_example(encoded, image, max_length, slots)
+
+
+# --------------------------------------------------------------------------------------
+# Packing several conversations into one row (models/owl2/packing.py reads segment_ids).
+# --------------------------------------------------------------------------------------
+
+
+def real_length(row: dict[str, np.ndarray]) -> int:
+  """Tokens of a right-padded row: up to its last attended position."""
+  where = np.flatnonzero(np.asarray(row["attention_mask"]))
+  return int(where[-1]) + 1 if where.size else 0
+
+
+def pack(rows: list[dict[str, np.ndarray]], max_length: int, slots: int,
+         num_rows: int | None = None) -> dict[str, np.ndarray]:
+  """Right-padded schema rows (`schema_example`) -> packed rows with `segment_ids`
+  (1, 2, ... per conversation, 0 = padding), first-fit by decreasing length: a row takes
+  conversations while its raw length stays <= max_length and its images fit the `slots`
+  image slots (filled in placeholder order). `num_rows`: the fixed number of rows (a
+  ValueError names the shortfall if they do not fit); default: as many as needed."""
+  order = sorted(range(len(rows)), key=lambda i: -real_length(rows[i]))
+  bins: list[list[int]] = []
+  used: list[tuple[int, int]] = []
+  for i in order:
+    n, k = real_length(rows[i]), int(np.sum(rows[i].get("image_mask", 0)))
+    if n > max_length or k > slots:
+      raise ValueError(f"conversation {i}: {n} tokens / {k} images do not fit a row of "
+                       f"{max_length} tokens / {slots} image slots")
+    for b, (tokens, images) in enumerate(used):
+      if tokens + n <= max_length and images + k <= slots:
+        bins[b].append(i)
+        used[b] = (tokens + n, images + k)
+        break
+    else:
+      bins.append([i])
+      used.append((n, k))
+  count = len(bins) if num_rows is None else num_rows
+  if len(bins) > count:
+    raise ValueError(f"{len(rows)} conversations need {len(bins)} packed rows, "
+                     f"only {count} given")
+  out = dict(input_ids=np.full((count, max_length), PAD_ID, np.int32),
+             attention_mask=np.zeros((count, max_length), np.int32),
+             labels=np.full((count, max_length), IGNORE_INDEX, np.int32),
+             segment_ids=np.zeros((count, max_length), np.int32))
+  image_shape = next((r["images"].shape[1:] for r in rows if "images" in r), None)
+  if image_shape is not None:
+    out["images"] = np.zeros((count, slots) + tuple(image_shape), np.float32)
+    out["image_mask"] = np.zeros((count, slots), np.int32)
+  for b, members in enumerate(bins):
+    pos, slot = 0, 0
+    for seg, i in enumerate(sorted(members), start=1):
+      r, n = rows[i], real_length(rows[i])
+      for key in ("input_ids", "attention_mask", "labels"):
+        out[key][b, pos:pos + n] = r[key][:n]
+      out["segment_ids"][b, pos:pos + n] = seg
+      pos += n
+      for k in range(int(np.sum(r.get("image_mask", 0)))):
+        out["images"][b, slot] = r["images"][k]
+        out["image_mask"][b, slot] = 1
+        slot += 1
+  return out
+
+
+def padding_fraction(batch: dict[str, np.ndarray], tokens_per_image: int) -> float:
+  """Share of the LLM's positions that are padding: the static spliced length is
+  L + K (tokens_per_image - 1) per row, the real content its attended tokens with each
+  placeholder counting `tokens_per_image`."""
+  ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+  rows, length = ids.shape
+  slots = batch["images"].shape[1] if "images" in batch else 0
+  total = rows * (length + slots * (tokens_per_image - 1))
+  real = np.sum(mask) + np.sum((ids == IMAGE_TOKEN_ID) & (mask > 0)) * (tokens_per_image - 1)
+  return float(1.0 - real / total)
