@@ -70,6 +70,9 @@ BENCHMARKS: dict[str, dict[str, Any]] = {
                          layout="coco_caption"),
     "flickr30k": dict(format="caption", metric="CIDEr", max_new_tokens=60, paper=85.1,
                       layout="coco_caption"),
+    # The embedded demo questions (data/demo_instruction.py): no paper number.
+    "demo": dict(format="vqa", metric="choice/accuracy", max_new_tokens=5, paper=None,
+                 layout="demo_jsonl"),
 }
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
@@ -445,3 +448,52 @@ def predict(model_cfg, params, examples: Sequence[dict], *, fmt: str, tokenizer,
     raise ValueError(f"{len(rows)} answers for {len(examples)} examples "
                      f"({len(answers)} distinct question ids)")
   return answers
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """`python -m mplug2_jax.evaluate.owl2_bench --config configs/eval/owl2.py:bench=...
+  --checkpoint DIR`: one row, printed beside the paper's number; metrics.json written
+  to --workdir (default: the checkpoint's eval/<bench>)."""
+  import time
+
+  from absl import flags
+  from etils import epath
+
+  from mplug2_jax import cli, experiment, param_store
+  from mplug2_jax.data import spm
+
+  fv = flags.FlagValues()
+  flags.DEFINE_string("config", None, "configs/eval/owl2.py:bench=...", flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "parameters directory", flag_values=fv)
+  flags.DEFINE_string("workdir", "", "output directory", flag_values=fv)
+  flags.mark_flags_as_required(["config", "checkpoint"], flag_values=fv)
+  cli.parse(fv, argv, main.__doc__)
+  c = experiment.load(fv.config)
+  if not c.gold:
+    raise ValueError("configs/eval/owl2.py: gold= (the official file(s)) is required")
+  model_cfg = param_store.load_model_config(fv.checkpoint)
+  params = param_store.load_params(fv.checkpoint)
+  tokenizer = spm.SentencePieceTokenizer(c.vocab_file)
+  examples, golds = read_gold(c.layout, list(c.gold))
+  start = time.time()
+  preds = predict(model_cfg, params, examples, fmt=c.format, tokenizer=tokenizer,
+                  image_root=c.images, max_new_tokens=c.max_new_tokens,
+                  batch_size=c.batch_size, padding=c.padding, style=c.style, log=print)
+  result = (score_demo(preds, golds) if c.layout == "demo_jsonl"
+            else score(c.format, preds, golds, c.metric))
+  for key, paper in c.paper.items():
+    if paper is None:
+      continue
+    print(f"{c.bench} {key}: ours {result.get(key, float('nan')):.2f}, paper {paper} "
+          f"(unverified)")
+  out = epath.Path(fv.workdir or epath.Path(fv.checkpoint) / "eval" / c.bench)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "metrics.json").write_text(json.dumps(
+      {"metrics": result, "paper": c.paper.to_dict(), "seconds": time.time() - start},
+      indent=1, default=str))
+  (out / "predictions.json").write_text(json.dumps(
+      [{"question_id": q, "answer": a} for q, a in preds.items()], default=str))
+
+
+if __name__ == "__main__":
+  main()
