@@ -7,7 +7,8 @@ Modules, in the order data flows:
   text.py      official text cleaning, WordPiece, task encodings (spm.py: SentencePiece)
   pipeline.py  per-task preprocessing, bad-data handling, batching, `make_iterator`
   grounding.py grounding geometry (letterbox, augmentations) and the box-token scheme
-  instruction.py  mPLUG-Owl2 instruction tuning: template, loss mask, images, collator
+  instruction.py  mPLUG-Owl2 instruction tuning: template, loss mask, images, collator,
+               the pipeline's `instruct` rows, packing (demo_instruction.py: demo data)
   benchmark.py clips/s/core
 
 `default_data_config()` lists every `config.data` key the pipeline reads.

@@ -426,7 +426,10 @@ def pipeline_example(record: dict[str, Any], tokenizer, *, max_length: int, imag
       raise media.BadSample("missing", "caption record without an image")
     texts = record["texts"]
     text = texts[0] if texts else b""
-    caption = text if isinstance(text, str) else bytes(text).decode("utf-8", "replace")
+    try:
+      caption = text if isinstance(text, str) else bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+      raise media.BadSample("bad_text", "caption is not UTF-8") from None
     encoded = encode_caption(caption, tokenizer, max_length, cost)
   else:
     encoded = encode_conversation(record_conversation(record), tokenizer, max_length,
