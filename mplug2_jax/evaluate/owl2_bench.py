@@ -451,7 +451,7 @@ def predict(model_cfg, params, examples: Sequence[dict], *, fmt: str, tokenizer,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """`python -m mplug2_jax.evaluate.owl2_bench --config configs/eval/owl2.py:bench=...
+  """`python -m mplug2_jax.evaluate.owl2_bench --config configs/owl2_eval.py:bench=...
   --checkpoint DIR`: one row, printed beside the paper's number; metrics.json written
   to --workdir (default: the checkpoint's eval/<bench>)."""
   import time
@@ -463,14 +463,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   from mplug2_jax.data import spm
 
   fv = flags.FlagValues()
-  flags.DEFINE_string("config", None, "configs/eval/owl2.py:bench=...", flag_values=fv)
+  flags.DEFINE_string("config", None, "configs/owl2_eval.py:bench=...", flag_values=fv)
   flags.DEFINE_string("checkpoint", None, "parameters directory", flag_values=fv)
   flags.DEFINE_string("workdir", "", "output directory", flag_values=fv)
   flags.mark_flags_as_required(["config", "checkpoint"], flag_values=fv)
   cli.parse(fv, argv, main.__doc__)
   c = experiment.load(fv.config)
   if not c.gold:
-    raise ValueError("configs/eval/owl2.py: gold= (the official file(s)) is required")
+    raise ValueError("configs/owl2_eval.py: gold= (the official file(s)) is required")
   model_cfg = param_store.load_model_config(fv.checkpoint)
   params = param_store.load_params(fv.checkpoint)
   tokenizer = spm.SentencePieceTokenizer(c.vocab_file)

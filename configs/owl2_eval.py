@@ -1,6 +1,6 @@
 r"""mPLUG-Owl2 benchmarks: one paper table row per `bench=` (evaluate/owl2_bench.py).
 
-  python -m mplug2_jax.evaluate.owl2_bench --config configs/eval/owl2.py:bench=vqav2,\
+  python -m mplug2_jax.evaluate.owl2_bench --config configs/owl2_eval.py:bench=vqav2,\
 gold=/d/v2_OpenEnded_mscoco_val2014_questions.json+/d/v2_mscoco_val2014_annotations.json,\
 images=/d/val2014,vocab=/ckpt/tokenizer.model --checkpoint /ckpt/owl2_7b
 
