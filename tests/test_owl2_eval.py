@@ -95,3 +95,14 @@ def test_vqa_prompt_is_the_official_one():
       "ASSISTANT: ")
   for name, row in bench.BENCHMARKS.items():
     assert row["format"] in bench.FORMATS, name
+
+
+def test_every_row_has_a_config_with_its_paper_number():
+  from mplug2_jax import experiment
+
+  for name, row in bench.BENCHMARKS.items():
+    config = experiment.load(f"configs/owl2_eval.py:bench={name},gold=/a.json+/b.json")
+    assert (config.format, config.max_new_tokens, config.gold) == (
+        row["format"], row["max_new_tokens"], ("/a.json", "/b.json"))
+    if row["paper"] is not None:
+      assert f"{name} {row['paper']}" in open("configs/owl2_eval.py").read()
