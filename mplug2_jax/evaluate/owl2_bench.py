@@ -95,8 +95,8 @@ def prompt(fmt: str, question: str = "", options: Sequence[str] = (),
            has_image: bool = True, style: str = "official") -> str:
   """The prompt of one example. "official": the mplug_owl2 inference template (no system
   prompt, the marker glued to the question, owl2.md 6); "vicuna_v1": the training template
-  (system prompt, the marker on its own line), for models trained only with it (the
-  demo; official bug 13 is the mismatch between the two)."""
+  (system prompt, the marker on its own line, no space after "ASSISTANT:"), for models
+  trained only with it (the demo; official bug 13 is the mismatch between the two)."""
   if fmt not in FORMATS:
     raise ValueError(f"benchmark format {fmt!r} not in {FORMATS}")
   if style not in STYLES:
@@ -114,7 +114,9 @@ def prompt(fmt: str, question: str = "", options: Sequence[str] = (),
 
     image = IMAGE + "\n" if has_image else ""
     text = text.replace(f" {SHORT}", f"\n{SHORT}")
-    return f"{instruction.VICUNA_V1.system} USER: {image}{text} ASSISTANT: "
+    # No trailing space: in training the space before an answer is the word-start marker
+    # of the answer's first piece, never a lone "▁" token.
+    return f"{instruction.VICUNA_V1.system} USER: {image}{text} ASSISTANT:"
   return TEMPLATE.format(image=IMAGE if has_image else "", text=text)
 
 
