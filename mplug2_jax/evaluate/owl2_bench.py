@@ -461,7 +461,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   from absl import flags
   from etils import epath
 
-  from mplug2_jax import cli, experiment, param_store
+  import importlib.util
+
+  from mplug2_jax import cli, param_store
   from mplug2_jax.data import spm
 
   fv = flags.FlagValues()
@@ -470,7 +472,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   flags.DEFINE_string("workdir", "", "output directory", flag_values=fv)
   flags.mark_flags_as_required(["config", "checkpoint"], flag_values=fv)
   cli.parse(fv, argv, main.__doc__)
-  c = experiment.load(fv.config)
+  path, _, arg = fv.config.partition(":")
+  spec = importlib.util.spec_from_file_location("_owl2_eval_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg or None)
   if not c.gold:
     raise ValueError("configs/owl2_eval.py: gold= (the official file(s)) is required")
   model_cfg = param_store.load_model_config(fv.checkpoint)
