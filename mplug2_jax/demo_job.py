@@ -2,7 +2,7 @@ r"""The README main job: demo data -> tiny pretraining -> fine-tuning -> evaluat
 
   python -m mplug2_jax.demo_job --workdir workdirs/demo
 
-On 2 CPU cores, about 10 minutes (figures in docs/training.md):
+On 2 CPU cores, about 12 minutes (figures in docs/training.md; the Owl2 stage ~4 of them):
   1. the embedded demo dataset (`mplug2_jax.data.demo`) in WORKDIR/data, unless present;
   2. pretraining of the tiny model, ITC + ITM + MLM + captioning (`configs/demo.py`),
      in WORKDIR/pretrain;
@@ -50,7 +50,7 @@ TRAIN_CONFIG = REPO / "configs" / "demo.py"
 EVAL_CONFIG = REPO / "configs" / "eval" / "demo.py"
 # The Owl2 stage: steps and batch of the tiny instruction tuning, and its rows
 # (label, metric key of `owl2_bench.score_demo`, chance key).
-OWL2_STEPS, OWL2_BATCH = 1200, 16
+OWL2_STEPS, OWL2_BATCH, OWL2_TRAIN, OWL2_TEST = 600, 16, 2048, 128
 OWL2_ROWS = (("Owl2 open-answer accuracy", "open/accuracy", "open/chance"),
              ("Owl2 multiple-choice accuracy", "choice/accuracy", "choice/chance"))
 # (row label, eval task, metric key, trained model's stage)
@@ -155,7 +155,7 @@ def owl2_stage(work: pathlib.Path, steps: int = 0) -> list[tuple[str, float, flo
   data_dir = work / "owl2_data"
   if not (data_dir / "tokenizer.model").exists():
     print(f"== Owl2 instruction demo data -> {data_dir}", flush=True)
-    demo_instruction.make_demo(str(data_dir))
+    demo_instruction.make_demo(str(data_dir), OWL2_TRAIN, OWL2_TEST)
   dataset = data_dir / "instruction" / "mplug2_records" / "instruction" / "1.0.0"
   vocab = data_dir / "tokenizer.model"
   config = load_config(REPO / "configs" / "owl2_sft.py",
