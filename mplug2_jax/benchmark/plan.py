@@ -29,6 +29,8 @@ _MESH = flags.DEFINE_string("mesh", "", "Mesh shape (data,fsdp,tensor); default 
 _PER_DEVICE = flags.DEFINE_integer("per_device_batch", 4, "Videos per device.")
 _FRAMES = flags.DEFINE_integer("frames", 16, "Frames per video.")
 _TEXT = flags.DEFINE_integer("text_length", 30, "Text tokens.")
+_SEQ = flags.DEFINE_integer("seq_length", 0, "mPLUG-Owl2: raw ids per sample "
+                            "(data.max_length; 0 = the config's).")
 _REMAT = flags.DEFINE_string("remat", "full", "Remat policy name (layers/stack.py).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
 _ATTENTION = flags.DEFINE_string(
@@ -67,20 +69,29 @@ def main(argv):
   if dcn > 1:  # multi-slice: config_lib.effective_rules splits the batch over dcn too
     config.mesh.axes = ("dcn",) + tuple(config.mesh.axes)
     config.mesh.shape = (dcn,) + tuple(mesh_shape)
-  config.model.update(dtype=_DTYPE.value, remat_policy=_REMAT.value, num_frames=_FRAMES.value,
-                      attention=_ATTENTION.value)
+  video = "num_frames" in config.model  # mPLUG-2 (video, texts, ITC queues) vs. Owl2
+  config.model.update(dtype=_DTYPE.value, remat_policy=_REMAT.value, attention=_ATTENTION.value,
+                      **({"num_frames": _FRAMES.value} if video else {}))
   config.batch_size = devices * _PER_DEVICE.value // (mesh_shape[2] if len(mesh_shape) > 2 else 1)
   config.total_steps = max(config.total_steps, 1000)
-  common.set_text_lengths(config, _TEXT.value)
-  config.objective.queue_size = max(config.batch_size, config.objective.queue_size //
-                                    config.batch_size * config.batch_size)
+  if video:
+    common.set_text_lengths(config, _TEXT.value)
+    config.objective.queue_size = max(config.batch_size, config.objective.queue_size //
+                                      config.batch_size * config.batch_size)
+  else:
+    config.optimizer.accum_steps = 1  # one micro-batch per device per compiled step
+    if _SEQ.value:
+      config.data.max_length = _SEQ.value
   experiment.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh, config)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
            for k, v in common.batch_spec(config).items()}
+  inputs = (f"{_FRAMES.value} frames x {config.model.image_size} px" if video else
+            f"{config.data.max_length} ids + {config.data.images_per_sample} image(s) x "
+            f"{config.model.image_size} px")
   print(f"{config.model.task} {config.model.size}: global batch {config.batch_size} "
-        f"({_FRAMES.value} frames x {config.model.image_size} px), mesh {dict(mesh.shape)}, "
+        f"({inputs}), mesh {dict(mesh.shape)}, "
         f"{_DTYPE.value} compute, remat {_REMAT.value}, attention {_ATTENTION.value}",
         flush=True)
   setup = state_lib.TrainSetup(config, mesh, batch)
@@ -104,7 +115,8 @@ def main(argv):
   print("collective bytes per device: " + ", ".join(
       f"{k} {v / 2**30:.2f} GiB" for k, v in comm.items() if v))
   raw = dict(config=_CONFIG.value, devices=devices, mesh=list(config.mesh.shape),
-             per_device_batch=_PER_DEVICE.value, frames=_FRAMES.value, dtype=_DTYPE.value,
+             per_device_batch=_PER_DEVICE.value, frames=_FRAMES.value if video else 0,
+             seq_length=int(config.data.max_length) if not video else 0, dtype=_DTYPE.value,
              remat=_REMAT.value, attention=_ATTENTION.value, compile_s=compile_s,
              argument_bytes=args_b, temp_bytes=temp_b, model_flops=flops,
              xla_flops=xla_flops, collective_bytes=comm)

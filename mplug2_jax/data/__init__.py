@@ -7,7 +7,8 @@ Modules, in the order data flows:
   text.py      official text cleaning, WordPiece, task encodings (spm.py: SentencePiece)
   pipeline.py  per-task preprocessing, bad-data handling, batching, `make_iterator`
   grounding.py grounding geometry (letterbox, augmentations) and the box-token scheme
-  instruction.py  mPLUG-Owl2 instruction tuning: template, loss mask, images, collator
+  instruction.py  mPLUG-Owl2 instruction tuning: template, loss mask, images, collator,
+               the pipeline's `instruct` rows, packing (demo_instruction.py: demo data)
   benchmark.py clips/s/core
 
 `default_data_config()` lists every `config.data` key the pipeline reads.
@@ -99,6 +100,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   d.max_length = 2048           # raw ids per sample, each image placeholder counting one
                                 # (official model_max_length; the LLM sees the spliced length)
   d.images_per_sample = 1       # image slots per sample (official training: one image)
+  d.truncation = "expanded"     # "expanded": keep the longest prefix whose spliced length
+                                # (an image = its LLM tokens) fits max_length, an image
+                                # never cut; "raw": max_length raw ids (official, bug 14)
+  d.instruct_format = "conversation"  # "conversation" (instruction records, Vicuna-v1) |
+                                # "caption" (image_text records as `<|image|>caption</s>`,
+                                # stage-1 pre-training; our choice, unverified)
+  d.image_aspect = "pad"        # Owl2 images: pad (official training) | resize | crop
   # Grounding geometry (data/grounding.py; spec datasets.md 3.5). The frame is image_size
   # (official 336); the box targets are answer tokens. [unverified] = not pinned by the spec.
   d.grounding_train_norm = "clip"      # official training normalisation (CLIP mean/std)

@@ -348,3 +348,169 @@ def collate(examples: Sequence[dict[str, Any]], max_length: int) -> dict[str, np
     batch["images"] = np.stack([ex["image"] for ex in examples]).astype(np.float32)
     batch["has_image"] = np.array([ex["has_image"] for ex in examples], np.int32)
   return batch
+
+
+# --------------------------------------------------------------------------------------
+# The Grain pipeline's `instruct` task: one record -> one example of the Owl2 batch schema.
+# --------------------------------------------------------------------------------------
+
+TRUNCATIONS = ("expanded", "raw")
+FORMATS = ("conversation", "caption")
+
+
+def encode_caption(caption: str, tokenizer, max_length: int,
+                   tokens_per_image: int = 1) -> dict[str, Any]:
+  """An image-text pair as one plain sequence for stage-1 pre-training:
+  `<|image|>` + caption + `</s>` -> [-200, BOS, caption..., EOS], loss on the caption and
+  its EOS only. (LLaVA's PLAIN template; the official Owl2 code has no reachable stage-1
+  format, owl2.md bug 13, and the paper does not give one: our choice, unverified.)"""
+  if not caption.strip():
+    raise media.BadSample("empty_text", "empty caption")
+  ids = tokenize_with_images(IMAGE_MARKER + caption.strip() + "</s>", tokenizer)
+  labels = np.asarray(ids, np.int32).copy()
+  labels[:2] = IGNORE_INDEX  # the placeholder and the BOS after it
+  n = kept_length(ids, max_length, tokens_per_image)
+  return dict(input_ids=np.asarray(ids[:n], np.int32), labels=labels[:n],
+              truncated=n < len(ids), mismatch=False)
+
+
+def schema_example(encoded: dict[str, Any], image: np.ndarray | None, max_length: int,
+                   slots: int) -> dict[str, np.ndarray]:
+  """An encoded sample padded to the fixed batch row of `models/owl2/schema.py`:
+  input_ids / attention_mask / labels (max_length,), right padding with the pad id (the
+  official collator: attention = ids != pad), and `slots` image slots; slot 0 holds the
+  image when its placeholder survived truncation (a cut image is dropped with its
+  placeholder, never half kept), text-only samples fill no slot."""
+  ids = np.full(max_length, PAD_ID, np.int32)
+  labels = np.full(max_length, IGNORE_INDEX, np.int32)
+  n = min(len(encoded["input_ids"]), max_length)
+  ids[:n], labels[:n] = encoded["input_ids"][:n], encoded["labels"][:n]
+  out = dict(input_ids=ids, attention_mask=(ids != PAD_ID).astype(np.int32), labels=labels)
+  placeholders = int(np.sum(ids == IMAGE_TOKEN_ID))
+  if placeholders > slots:
+    raise media.BadSample("bad_text", f"{placeholders} image placeholders, "
+                          f"{slots} image slots (data.images_per_sample)")
+  if slots:
+    if image is None and placeholders:
+      raise media.BadSample("bad_text", "image placeholder without an image")
+    size = image.shape[0] if image is not None else 0
+    out["image_mask"] = (np.arange(slots) < placeholders).astype(np.int32)
+    if image is not None:
+      images = np.zeros((slots,) + image.shape, np.float32)
+      if placeholders:
+        images[0] = image
+      out["images"] = images
+    else:
+      out["images"] = np.zeros((slots, size, size, 3), np.float32)
+  return out
+
+
+def pipeline_example(record: dict[str, Any], tokenizer, *, max_length: int, image_size: int,
+                     slots: int, tokens_per_image: int, truncation: str = "expanded",
+                     fmt: str = "conversation", aspect: str = "pad",
+                     template: Template = VICUNA_V1) -> dict[str, np.ndarray]:
+  """A built record (`instruction` kind, or `image_text` with fmt="caption") -> one row of
+  the Owl2 batch schema. `truncation`: "expanded" keeps the longest prefix whose *spliced*
+  length (an image = `tokens_per_image` positions) fits `max_length` (owl2.md bug 14 done
+  right); "raw" cuts the raw ids at `max_length` as the official collator does (an image
+  still never loses part of its tokens: the model splices all of them, the static LLM
+  length has room). Raises `media.BadSample` on bad data."""
+  if truncation not in TRUNCATIONS:
+    raise ValueError(f"config.data.truncation={truncation!r}: one of {TRUNCATIONS}")
+  if fmt not in FORMATS:
+    raise ValueError(f"config.data.instruct_format={fmt!r}: one of {FORMATS}")
+  cost = tokens_per_image if truncation == "expanded" else 1
+  data = bytes(record.get("media", b""))
+  if fmt == "caption":
+    if not data:
+      raise media.BadSample("missing", "caption record without an image")
+    texts = record["texts"]
+    text = texts[0] if texts else b""
+    try:
+      caption = text if isinstance(text, str) else bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+      raise media.BadSample("bad_text", "caption is not UTF-8") from None
+    encoded = encode_caption(caption, tokenizer, max_length, cost)
+  else:
+    encoded = encode_conversation(record_conversation(record), tokenizer, max_length,
+                                  has_image=bool(data), template=template,
+                                  tokens_per_image=cost)
+  image = None
+  if data:
+    image = image_pixels(media.decode_image(data)[0], image_size, aspect)
+  elif slots:
+    image = np.zeros((image_size, image_size, 3), np.float32)
+  return schema_example(encoded, image, max_length, slots)
+
+
+# --------------------------------------------------------------------------------------
+# Packing several conversations into one row (models/owl2/packing.py reads segment_ids).
+# --------------------------------------------------------------------------------------
+
+
+def real_length(row: dict[str, np.ndarray]) -> int:
+  """Tokens of a right-padded row: up to its last attended position."""
+  where = np.flatnonzero(np.asarray(row["attention_mask"]))
+  return int(where[-1]) + 1 if where.size else 0
+
+
+def pack(rows: list[dict[str, np.ndarray]], max_length: int, slots: int,
+         num_rows: int | None = None) -> dict[str, np.ndarray]:
+  """Right-padded schema rows (`schema_example`) -> packed rows with `segment_ids`
+  (1, 2, ... per conversation, 0 = padding), first-fit by decreasing length: a row takes
+  conversations while its raw length stays <= max_length and its images fit the `slots`
+  image slots (filled in placeholder order). `num_rows`: the fixed number of rows (a
+  ValueError names the shortfall if they do not fit); default: as many as needed."""
+  order = sorted(range(len(rows)), key=lambda i: -real_length(rows[i]))
+  bins: list[list[int]] = []
+  used: list[tuple[int, int]] = []
+  for i in order:
+    n, k = real_length(rows[i]), int(np.sum(rows[i].get("image_mask", 0)))
+    if n > max_length or k > slots:
+      raise ValueError(f"conversation {i}: {n} tokens / {k} images do not fit a row of "
+                       f"{max_length} tokens / {slots} image slots")
+    for b, (tokens, images) in enumerate(used):
+      if tokens + n <= max_length and images + k <= slots:
+        bins[b].append(i)
+        used[b] = (tokens + n, images + k)
+        break
+    else:
+      bins.append([i])
+      used.append((n, k))
+  count = len(bins) if num_rows is None else num_rows
+  if len(bins) > count:
+    raise ValueError(f"{len(rows)} conversations need {len(bins)} packed rows, "
+                     f"only {count} given")
+  out = dict(input_ids=np.full((count, max_length), PAD_ID, np.int32),
+             attention_mask=np.zeros((count, max_length), np.int32),
+             labels=np.full((count, max_length), IGNORE_INDEX, np.int32),
+             segment_ids=np.zeros((count, max_length), np.int32))
+  image_shape = next((r["images"].shape[1:] for r in rows if "images" in r), None)
+  if image_shape is not None:
+    out["images"] = np.zeros((count, slots) + tuple(image_shape), np.float32)
+    out["image_mask"] = np.zeros((count, slots), np.int32)
+  for b, members in enumerate(bins):
+    pos, slot = 0, 0
+    for seg, i in enumerate(sorted(members), start=1):
+      r, n = rows[i], real_length(rows[i])
+      for key in ("input_ids", "attention_mask", "labels"):
+        out[key][b, pos:pos + n] = r[key][:n]
+      out["segment_ids"][b, pos:pos + n] = seg
+      pos += n
+      for k in range(int(np.sum(r.get("image_mask", 0)))):
+        out["images"][b, slot] = r["images"][k]
+        out["image_mask"][b, slot] = 1
+        slot += 1
+  return out
+
+
+def padding_fraction(batch: dict[str, np.ndarray], tokens_per_image: int) -> float:
+  """Share of the LLM's positions that are padding: the static spliced length is
+  L + K (tokens_per_image - 1) per row, the real content its attended tokens with each
+  placeholder counting `tokens_per_image`."""
+  ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+  rows, length = ids.shape
+  slots = batch["images"].shape[1] if "images" in batch else 0
+  total = rows * (length + slots * (tokens_per_image - 1))
+  real = np.sum(mask) + np.sum((ids == IMAGE_TOKEN_ID) & (mask > 0)) * (tokens_per_image - 1)
+  return float(1.0 - real / total)

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from mplug2_jax.data import grounding as grounding_lib
+from mplug2_jax.data import instruction as instruction_lib
 from mplug2_jax.data import media, records
 from mplug2_jax.data import text as text_lib
 from mplug2_jax.data.bad_data import BadDataCounter
@@ -66,11 +67,12 @@ class Preprocessor:
   """record, rng -> example dict for one task. Picklable (sent to Grain workers)."""
 
   def __init__(self, config_data: ml_collections.ConfigDict, task: str, train: bool,
-               num_frames: int, image_size: int, tokenizer):
+               num_frames: int, image_size: int, tokenizer, tokens_per_image: int = 1):
     self.c = ml_collections.FrozenConfigDict(config_data)
     self.task, self.train = task, train
     self.num_frames, self.image_size = num_frames, image_size
     self.tok = tokenizer
+    self.tokens_per_image = tokens_per_image  # LLM positions per image (instruct)
     if task == "grounding":  # box-token ids, looked up once (numpy: pickles to workers)
       self.box_prefix, self.box_tokens = grounding_lib.token_ids(tokenizer)
 
@@ -156,7 +158,13 @@ class Preprocessor:
     c, task = self.c, self.task
     ex: dict[str, Any] = {}
     meta = {"id": record["id"], "question_id": int(record["question_id"])}
-    if task == "grounding":
+    if task == "instruct":  # mPLUG-Owl2 (data/instruction.py; models/owl2/schema.py)
+      c = self.c
+      ex.update(instruction_lib.pipeline_example(
+          record, self.tok, max_length=c.max_length, image_size=self.image_size,
+          slots=c.images_per_sample, tokens_per_image=self.tokens_per_image,
+          truncation=c.truncation, fmt=c.instruct_format, aspect=c.image_aspect))
+    elif task == "grounding":
       ex.update(self.grounding(record, rng))
     elif task != "text":
       ex["video"] = self.video(record, rng)
@@ -473,9 +481,11 @@ def make_dataset(config_data: ml_collections.ConfigDict, *, split: str, batch_si
     per_process = -(-sum(len(records.RecordSource(p, split)) for p in paths) // process_count)
     ds = PaddedDataset(ds, -(-per_process // local_batch) * local_batch)
 
-  num_frames = int(c.num_frames or model_cfg.num_frames)
+  num_frames = int(c.get("num_frames") or model_cfg.get("num_frames", 1))
   image_size = int(c.image_size or model_cfg.image_size)
-  fn = Preprocessor(c, task, train, num_frames, image_size, make_tokenizer(c))
+  family = registry.of(model_cfg)
+  per_image = family.tokens_per_image(model_cfg) if task == "instruct" else 1
+  fn = Preprocessor(c, task, train, num_frames, image_size, make_tokenizer(c), per_image)
   names = [records.find_dataset(p) for p in paths]
   ds = PreprocessedDataset(ds, fn, _stable_seed(seed, "augment", process_index),
                            c.max_replacements, names, stride=local_batch if train else 1)

@@ -9,6 +9,19 @@ by three regex lists, first match wins in each:
   no_decay   -> weight decay 0 (official: names containing `bias` or `LayerNorm.weight`)
 Each distinct (lr multiplier, weight decay) pair is one AdamW of `optax.multi_transform`.
 
+Two element-wise refinements (both off by default; mPLUG-Owl2 uses them, `configs/owl2_*.py`):
+  partial      (regex, axis, trained indices): only these slices of a stacked parameter
+               train, the other slices keep their values (gradients zeroed before clipping,
+               updates zeroed after AdamW, so weight decay does not move them either).
+               Owl2 stage 1 trains the image branch (index 1 on the modality axis) of the
+               multiway K/V projections and norms while their text branch stays frozen.
+  layer_decay  a layer-wise decayed lr for a scanned tower (BEiT-style): with n stacked
+               blocks matched by `layer_decay_blocks` (leading axis = layer), block i
+               (0-based) trains at decay^(n - i) times its group's lr, the parameters
+               before the first block (`layer_decay_embed`) at decay^(n + 1), the rest at
+               1. Adam's update is linear in the lr, so scaling the update is exactly a
+               per-layer lr inside one stacked array.
+
 Official "no decay" in our names: every `.../bias` (and the temporal adapters'
 `conv_bias`), and the gains of the BERT LayerNorms (text encoder, fusion, decoder, MLM head:
 `.../*norm/scale`). The official rule decays the CLIP LayerNorm gains (`ln_*`), the
@@ -56,6 +69,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 FROZEN = "frozen"
@@ -95,6 +109,10 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
   o.total_steps = 0           # optimizer steps of the run (0: config.total_steps)
   o.grad_clip_norm = 0.0      # global-norm clipping; 0 = none (official)
   o.accum_steps = 1           # micro-batches per optimizer step (official caption: 2)
+  o.partial = ()              # ((regex, axis, (trained indices...)), ...): other slices frozen
+  o.layer_decay = 1.0         # layer-wise lr decay of a scanned tower; 1.0 = off
+  o.layer_decay_blocks = r"^vision/blocks/"  # stacked blocks (leading axis = layer)
+  o.layer_decay_embed = r"^vision/(patch_embed|class_embedding|positional_embedding|ln_pre)/?"
   return o
 
 
@@ -201,6 +219,78 @@ def make_schedule(base: float, o: ml_collections.ConfigDict, total_steps: int) -
   raise ValueError(f"config.optimizer.schedule={o.schedule!r}: one of {SCHEDULES}")
 
 
+def _leaf_shape(leaf) -> tuple[int, ...]:
+  return tuple(getattr(leaf, "shape", ()))
+
+
+def slice_mask(name: str, shape: tuple[int, ...], o: ml_collections.ConfigDict):
+  """0/1 float array broadcastable to `shape` (1 on trained slices) for a parameter named
+  by `o.partial`, else None."""
+  for entry in o.partial:
+    pattern, axis, indices = entry
+    if re.search(pattern, name):
+      axis = int(axis)
+      if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"config.optimizer.partial: {name} has shape {shape}, no axis {axis}")
+      axis %= len(shape)
+      bad = [i for i in indices if not 0 <= int(i) < shape[axis]]
+      if bad:
+        raise ValueError(f"config.optimizer.partial: indices {bad} out of range for axis "
+                         f"{axis} of {name} {shape}")
+      mask = np.zeros([shape[axis] if d == axis else 1 for d in range(len(shape))], np.float32)
+      np.moveaxis(mask, axis, 0)[[int(i) for i in indices]] = 1.0
+      return mask
+  return None
+
+
+def layer_scale(name: str, shape: tuple[int, ...], o: ml_collections.ConfigDict, layers: int):
+  """The layer-wise lr factor of a parameter (array for stacked blocks), or None."""
+  decay = float(o.layer_decay)
+  if decay == 1.0 or layers == 0:
+    return None
+  if re.search(o.layer_decay_blocks, name):
+    n = shape[0]
+    scale = decay ** (n - np.arange(n, dtype=np.float64))
+    return scale.reshape((n,) + (1,) * (len(shape) - 1)).astype(np.float32)
+  if o.layer_decay_embed and re.search(o.layer_decay_embed, name):
+    return np.float32(decay ** (layers + 1))
+  return None
+
+
+def update_scales(o: ml_collections.ConfigDict, params: Any) -> tuple[Any, Any] | None:
+  """(gradient masks, update scales): trees of arrays broadcastable to each parameter
+  (1.0 where nothing applies), or None when neither `partial` nor `layer_decay` is set."""
+  if not o.partial and float(o.layer_decay) == 1.0:
+    return None
+  if not 0.0 < float(o.layer_decay) <= 1.0:
+    raise ValueError(f"config.optimizer.layer_decay={o.layer_decay}: must be in (0, 1]")
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = [path_str(p) for p, _ in leaves]
+  layers = max((_leaf_shape(v)[0] for n, (_, v) in zip(names, leaves)
+                if re.search(o.layer_decay_blocks, n) and _leaf_shape(v)), default=0)
+  masks, scales = [], []
+  for name, (_, leaf) in zip(names, leaves):
+    shape = _leaf_shape(leaf)
+    mask = slice_mask(name, shape, o)
+    scale = layer_scale(name, shape, o, layers)
+    masks.append(np.float32(1.0) if mask is None else mask)
+    total = (np.float32(1.0) if mask is None else mask) * (
+        np.float32(1.0) if scale is None else scale)
+    scales.append(np.asarray(total, np.float32))
+  return (jax.tree_util.tree_unflatten(treedef, masks),
+          jax.tree_util.tree_unflatten(treedef, scales))
+
+
+def scale_elementwise(factors: Any) -> optax.GradientTransformation:
+  """Multiplies every update by its (broadcast) factor; stateless."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: (u * f).astype(u.dtype), updates, factors), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make(o: ml_collections.ConfigDict, params: Any,
          total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
   """(tx, lr_fn): the optimizer for `params` (arrays or shapes) and the lr of the main group.
@@ -225,6 +315,11 @@ def make(o: ml_collections.ConfigDict, params: Any,
                                       eps=o.eps, weight_decay=wd)
   labels = jax.tree_util.tree_unflatten(treedef, labels_flat)
   tx = optax.multi_transform(transforms, labels)
+  scales = update_scales(o, params)
+  if scales is not None:
+    tx = optax.chain(tx, scale_elementwise(scales[1]))
   if o.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  if scales is not None:  # frozen slices give no gradient (so no clipping share)
+    tx = optax.chain(scale_elementwise(scales[0]), tx)
   return tx, make_schedule(o.lr, o, total)

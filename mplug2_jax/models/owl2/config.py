@@ -88,6 +88,8 @@ def model_config(size: str = "tiny", task: str = "instruct") -> ml_collections.C
       bos_token_id=1,
       eos_token_id=2,
       **LLM_PRESETS[size]))
+  from mplug2_jax.models.owl2 import lora
+  m.lora = lora.default_config()  # LoRA adapters (models/owl2/lora.py); rank 0 = off
   return m
 
 
@@ -153,6 +155,11 @@ def validate(m: ml_collections.ConfigDict) -> None:
         "the modality-adaptive module has a text and an image branch")
   check(t.rms_norm_eps > 0, "model.llm.rms_norm_eps", t.rms_norm_eps, "must be > 0")
   check(t.rope_theta > 0, "model.llm.rope_theta", t.rope_theta, "must be > 0")
+  lo = m.get("lora")
+  if lo is not None:
+    check(isinstance(lo.rank, int) and lo.rank >= 0, "model.lora.rank", lo.rank,
+          "must be an integer >= 0 (0 = no adapters)")
+    check(lo.alpha > 0, "model.lora.alpha", lo.alpha, "must be > 0")
   for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
     check(0 <= t[key] < t.vocab_size, f"model.llm.{key}", t[key],
           f"must be a token id in [0, model.llm.vocab_size={t.vocab_size})")

@@ -166,8 +166,21 @@ class Owl2(nn.Module):
     seq, aux = self.embed_inputs(batch["input_ids"], batch["attention_mask"],
                                  batch.get("labels"), batch.get("images"),
                                  batch.get("image_mask"))
-    states, llm_aux = self.llm_states(seq["embeds"], seq["modality"], seq["positions"],
-                                      seq["mask"])
+    if batch.get("segment_ids") is not None:  # packed rows (packing.py)
+      from mplug2_jax.models.owl2 import packing
+
+      per_image = seq["embeds"].shape[1] - batch["input_ids"].shape[1]
+      slots = batch["images"].shape[1] if batch.get("images") is not None else 0
+      per_image = per_image // slots + 1 if slots else 1
+      segments = packing.expand(batch["input_ids"], batch["segment_ids"], per_image,
+                                seq["embeds"].shape[1])
+      segments = jnp.where(seq["mask"] > 0, segments, 0)
+      seq["positions"] = packing.positions(segments)
+      states, llm_aux = self.llm(seq["embeds"], seq["modality"], seq["positions"],
+                                 packing.attention_mask(segments))
+    else:
+      states, llm_aux = self.llm_states(seq["embeds"], seq["modality"], seq["positions"],
+                                        seq["mask"])
     out = {"logits": self.logits(states), "labels": seq["labels"], "mask": seq["mask"]}
     if self.collect:
       aux.update(llm_aux, inputs_embeds=seq["embeds"], modality_indicators=seq["modality"],
@@ -178,6 +191,12 @@ class Owl2(nn.Module):
 
 def build(config: ml_collections.ConfigDict, *, deterministic: bool = True,
           collect: bool = False, use_cache: bool = False) -> Owl2:
-  """The model for `config.model` (frozen, so it can be a static jit argument)."""
+  """The model for `config.model` (frozen, so it can be a static jit argument); with
+  `config.model.lora.rank > 0` the LoRA-adapted model (`lora.py`)."""
+  if config.get("lora") is not None and config.lora.rank > 0:
+    from mplug2_jax.models.owl2 import lora
+
+    return lora.LoraOwl2(ml_collections.FrozenConfigDict(config), deterministic=deterministic,
+                         collect=collect, use_cache=use_cache)
   return Owl2(ml_collections.FrozenConfigDict(config), deterministic=deterministic,
               collect=collect, use_cache=use_cache)

@@ -8,6 +8,9 @@
   images         f32 (B, K, S, S, 3)  CLIP-normalised, channels-last image slots
   image_mask     i32 (B, K)  1 = slot k of sample b holds the image of that sample's k-th
                              placeholder (counted left to right); 0 = empty slot
+  valid          i32 (B,)    0 = evaluation padding or a replaced bad sample (the input
+                             pipeline's flag; the model does not read it)
+  question_id    i32 (B,)    the record's question id (evaluation), else -1
 
 L is `data.max_length`, K `data.images_per_sample`, S `data.image_size` (0: the model's).
 The slot layout is the explicit image -> (sample, placeholder) assignment: a sample
@@ -49,6 +52,8 @@ def batch_schema(model_cfg: ml_collections.ConfigDict, data_cfg: ml_collections.
   if slots:
     s["images"] = Field((b, slots, size, size, 3), F32, "pixels")
     s["image_mask"] = Field((b, slots), I32, "flag")
+  s["valid"] = Field((b,), I32, "flag")
+  s["question_id"] = Field((b,), I32, "id")
   return s
 
 
@@ -110,7 +115,8 @@ def synthetic(model_cfg: ml_collections.ConfigDict, schema: dict[str, Field],
     labels[row, start:n] = ids[row, start:n]
   real = np.arange(length)[None] < lengths[:, None]
   out = {"input_ids": np.where(real, ids, t.pad_token_id).astype(np.int32),
-         "attention_mask": real.astype(np.int32), "labels": labels.astype(np.int32)}
+         "attention_mask": real.astype(np.int32), "labels": labels.astype(np.int32),
+         "valid": np.ones(b, np.int32), "question_id": np.full(b, -1, np.int32)}
   if slots:
     out["images"] = rng.normal(size=schema["images"].shape).astype(np.float32)
     out["image_mask"] = image_mask
