@@ -152,7 +152,7 @@ def train_item(name, make_config, smoke, ceiling_tflops):
       data = jax.device_put(common.synthetic_batch(config), batch_sharding)
       holder = {"state": state}
 
-      def one_step():
+      def one_step(compiled=compiled, holder=holder, data=data):
         holder["state"], metrics = compiled(holder["state"], data)
         return metrics
 
