@@ -279,71 +279,263 @@ def test_lora_training_keeps_base_weights_bit_identical(cache, demo, tmp_path):
              if k.startswith("lora/") and k.endswith("/b"))
 
 
-def test_peft_export_loads_and_merges_in_torch(tmp_path):
-  """The exported adapter files load into HF PEFT on a torch module tree with the
-  official module names; PEFT's merge_and_unload gives our merged kernels."""
-  torch = pytest.importorskip("torch")
-  peft = pytest.importorskip("peft")
-  from mplug2_jax.models.owl2 import lora
-
-  cfg = lora.default_config()
-  cfg.update(rank=3, alpha=6.0)
-  rng = np.random.default_rng(1)
-  layers, d, heads, hd, f = 2, 8, 2, 4, 12
-  shapes = {"query": (layers, d, heads, hd), "key": (layers, 2, d, heads, hd),
-            "value": (layers, 2, d, heads, hd), "out": (layers, heads, hd, d)}
-  base = {"llm": {"layers": {
-      "attn": {k: {"kernel": rng.normal(size=s).astype(np.float32)} for k, s in shapes.items()},
-      "mlp": {k: {"kernel": rng.normal(size=(layers,) + s).astype(np.float32)}
-              for k, s in (("gate", (d, f)), ("wi", (d, f)), ("wo", (f, d)))}}}}
-  adapters = lora.init_adapters(jax.random.key(0), base, cfg)
-  adapters = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), adapters)
-  lora.export_peft(str(tmp_path / "adapter"), adapters, cfg)
-  merged = lora.merge(base, adapters, cfg)
-
+def _torch_owl2_llm(torch, m):
+  """The Owl2 language model in torch (owl2.md section 4) under the official module
+  names (`owl2_keys.tsv`), so that the official state dict loads strictly and HF PEFT
+  finds `self_attn.k_proj.multiway.0` etc. by name. Forward: inputs_embeds (B, P, D),
+  modality (B, P) (0 text, 1 image), attention_mask (B, P) -> logits (B, P, V); RoPE at
+  positions 0..P-1 of every row (official; the same as ours for right padding)."""
   nn = torch.nn
+  t = m.llm
+  d, heads, hd = t.hidden_size, t.num_heads, t.hidden_size // t.num_heads
+  assert t.num_kv_heads == heads  # the official multiway K/V support no GQA (bug 5)
   linear = lambda i, o: nn.Linear(i, o, bias=False)
 
-  def torch_weights(tree, i):
-    """Official (out, in) weights of layer i, by module name."""
-    a, m = tree["llm"]["layers"]["attn"], tree["llm"]["layers"]["mlp"]
-    out = {"self_attn.q_proj": np.asarray(a["query"]["kernel"][i]).reshape(d, -1).T,
-           "self_attn.o_proj": np.asarray(a["out"]["kernel"][i]).reshape(-1, d).T,
-           "mlp.gate_proj": np.asarray(m["gate"]["kernel"][i]).T,
-           "mlp.up_proj": np.asarray(m["wi"]["kernel"][i]).T,
-           "mlp.down_proj": np.asarray(m["wo"]["kernel"][i]).T}
-    for name, leaf in (("k_proj", "key"), ("v_proj", "value")):
-      for c in range(2):
-        out[f"self_attn.{name}.multiway.{c}"] = np.asarray(a[leaf]["kernel"][i, c]).reshape(d, -1).T
-    return out
+  class RMSNorm(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.weight = nn.Parameter(torch.ones(d))
 
-  def block():
-    attn = nn.Module()
-    attn.q_proj, attn.o_proj = linear(d, heads * hd), linear(heads * hd, d)
-    for name in ("k_proj", "v_proj"):
-      wrapper = nn.Module()
-      wrapper.multiway = nn.ModuleList([linear(d, heads * hd) for _ in range(2)])
-      setattr(attn, name, wrapper)
-    mlp = nn.Module()
-    mlp.gate_proj, mlp.up_proj, mlp.down_proj = linear(d, f), linear(d, f), linear(f, d)
-    layer = nn.Module()
-    layer.self_attn, layer.mlp = attn, mlp
-    return layer
+    def forward(self, x):
+      var = x.float().pow(2).mean(-1, keepdim=True)
+      return (x.float() * torch.rsqrt(var + t.rms_norm_eps)).to(x.dtype) * self.weight
 
-  root = nn.Module()
-  root.model = nn.Module()
-  root.model.layers = nn.ModuleList([block() for _ in range(layers)])
-  root.prepare_inputs_for_generation = lambda *args, **kwargs: {}  # CAUSAL_LM wrapper hook
-  with torch.no_grad():
-    for i in range(layers):
-      for name, w in torch_weights(base, i).items():
-        root.model.layers[i].get_submodule(name).weight.copy_(torch.from_numpy(w.copy()))
-  model = peft.PeftModel.from_pretrained(root, str(tmp_path / "adapter"))
-  merged_torch = model.merge_and_unload()
-  for i in range(layers):
-    for name, want in torch_weights(merged, i).items():
-      got = merged_torch.model.layers[i].get_submodule(name).weight.detach().numpy()
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{i} {name}")
+  class Multiway(nn.Module):
+    """Copy m for the tokens of modality m."""
+
+    def __init__(self, make):
+      super().__init__()
+      self.multiway = nn.ModuleList([make() for _ in range(t.num_modalities)])
+
+    def forward(self, x, modality):
+      out = self.multiway[0](x)
+      for i in range(1, len(self.multiway)):
+        out = torch.where((modality == i)[..., None], self.multiway[i](x), out)
+      return out
+
+  class Rotary(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.register_buffer("inv_freq", torch.zeros(hd // 2))  # filled by the export
+
+    def forward(self, x, positions):                 # x (B, heads, P, hd), split halves
+      angles = positions[:, None, :, None].float() * self.inv_freq
+      angles = torch.cat([angles, angles], dim=-1)
+      rotated = torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], dim=-1)
+      return x * angles.cos() + rotated * angles.sin()
+
+  class Attention(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.q_proj = linear(d, heads * hd)
+      self.k_proj = Multiway(lambda: linear(d, heads * hd))
+      self.v_proj = Multiway(lambda: linear(d, heads * hd))
+      self.o_proj = linear(heads * hd, d)
+      self.rotary_emb = Rotary()
+
+    def forward(self, x, modality, positions, mask):
+      b, p, _ = x.shape
+      split = lambda y: y.view(b, p, heads, hd).transpose(1, 2)
+      q = self.rotary_emb(split(self.q_proj(x)), positions)
+      k = self.rotary_emb(split(self.k_proj(x, modality)), positions)
+      v = split(self.v_proj(x, modality))
+      scores = (q @ k.transpose(-1, -2)) / hd ** 0.5
+      scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+      probs = scores.float().softmax(dim=-1).to(q.dtype)
+      return self.o_proj((probs @ v).transpose(1, 2).reshape(b, p, heads * hd))
+
+  class Mlp(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.gate_proj = linear(d, t.intermediate_size)
+      self.up_proj = linear(d, t.intermediate_size)
+      self.down_proj = linear(t.intermediate_size, d)
+
+    def forward(self, x):
+      return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+  class Layer(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.self_attn, self.mlp = Attention(), Mlp()
+      self.input_layernorm = Multiway(RMSNorm)
+      self.post_attention_layernorm = Multiway(RMSNorm)
+
+    def forward(self, x, modality, positions, mask):
+      x = x + self.self_attn(self.input_layernorm(x, modality), modality, positions, mask)
+      return x + self.mlp(self.post_attention_layernorm(x, modality))
+
+  class Decoder(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.embed_tokens = nn.Embedding(t.vocab_size, d)
+      self.layers = nn.ModuleList([Layer() for _ in range(t.layers)])
+      self.norm = RMSNorm()
+
+  class CausalLM(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.model, self.lm_head = Decoder(), linear(d, t.vocab_size)
+
+    def forward(self, inputs_embeds, modality, attention_mask):
+      b, p, _ = inputs_embeds.shape
+      positions = torch.arange(p).expand(b, p)
+      mask = torch.ones(p, p, dtype=torch.bool).tril()[None, None] & \
+          attention_mask.bool()[:, None, None, :]
+      x = inputs_embeds
+      for layer in self.model.layers:
+        x = layer(x, modality, positions, mask)
+      return self.lm_head(self.model.norm(x))
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):  # PEFT's CAUSAL_LM wrapper
+      raise NotImplementedError("no generation in this reference")
+
+  return CausalLM()
+
+
+def _random_owl2_params(m, seed):
+  """Random tiny Owl2 parameters with O(1) activations (random norm gains, so the text
+  and image copies differ)."""
+  import ml_collections
+  from flax.linen import meta
+
+  from mplug2_jax.models import owl2
+  from mplug2_jax.models.owl2 import model as model_lib
+
+  rng = np.random.default_rng(seed)
+  model = model_lib.Owl2(ml_collections.FrozenConfigDict(m))
+  shapes = param_store.flatten(meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), owl2.init_batch(m)))["params"]))
+
+  def fill(path, shape):
+    if path.endswith("/scale"):
+      return 1 + 0.1 * rng.standard_normal(shape)
+    if path.endswith("/bias"):
+      return 0.1 * rng.standard_normal(shape)
+    if path.endswith("/kernel"):
+      if path.endswith(("query/kernel", "key/kernel", "value/kernel")):
+        fan_in = shape[-3]                               # (..., in, heads, hd)
+      elif path.endswith("attn/out/kernel"):
+        fan_in = shape[-3] * shape[-2]                   # (..., heads, hd, out)
+      else:
+        fan_in = int(np.prod(shape[:-1])) if "patch_embed" in path else shape[-2]
+      return rng.standard_normal(shape) / np.sqrt(fan_in)
+    return 0.5 * rng.standard_normal(shape)             # embeddings, queries, tokens
+
+  return {p: fill(p, s.shape).astype(np.float32) for p, s in sorted(shapes.items())}
+
+
+def test_peft_export_gives_our_logits_in_torch(tmp_path):
+  """A tiny Owl2 with random base weights and non-zero adapters: the base exported in the
+  official layout (`convert/owl2`) loads strictly into a torch Owl2 language model with the
+  official module names; our PEFT export attaches to it with `PeftModel.from_pretrained`
+  (every tensor, scaling alpha / r); its logits with the adapters unmerged equal our
+  `LoraOwl2`'s, and after `merge_and_unload` our merged model's (float32, 3e-5 of the
+  logit scale), on text-only rows (torch embeds the ids itself) and on a row with an image
+  (modality-1 tokens, fed as our spliced embeddings)."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  import ml_collections
+  from safetensors.numpy import load_file as load_numpy
+  from safetensors.torch import load_file as load_torch
+
+  from mplug2_jax.convert import owl2 as conversion
+  from mplug2_jax.models.owl2 import config as owl2_config
+  from mplug2_jax.models.owl2 import lora
+  from mplug2_jax.models.owl2 import model as model_lib
+  from mplug2_jax.models.owl2 import schema as owl2_schema
+  from mplug2_jax.tokens import IMAGE_TOKEN_INDEX
+
+  m = owl2_config.model_config("tiny")
+  m.lora.update(rank=3, alpha=7.5)                      # scaling 2.5
+  flat = _random_owl2_params(m, seed=3)
+  base = param_store.nest(flat)
+  rng = np.random.default_rng(4)
+  adapters = lora.init_adapters(jax.random.key(5), base, m.lora)
+  adapters = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32),
+                          adapters)                      # A and B non-zero
+  merged = jax.tree.map(np.asarray, lora.merge(base, adapters, m.lora))
+
+  # Ours: text-only rows (full, right-padded) and a row with an image placeholder.
+  length, v = 10, m.llm.vocab_size
+  ids = rng.integers(3, v, (3, length)).astype(np.int32)
+  ids[:, 0] = m.llm.bos_token_id
+  mask = np.ones((3, length), np.int32)
+  mask[1, 6:] = mask[2, 8:] = 0
+  ids[2, 3] = IMAGE_TOKEN_INDEX
+  ids = np.where(mask > 0, ids, m.llm.pad_token_id).astype(np.int32)
+  batch = {"input_ids": ids, "attention_mask": mask,
+           "images": rng.standard_normal((3, 1, m.image_size, m.image_size, 3)).astype(
+               np.float32),
+           "image_mask": np.array([[0], [0], [1]], np.int32)}
+  owl2_schema.check_images(batch)
+  frozen = ml_collections.FrozenConfigDict(m)
+  plain = jax.jit(lambda p, b: model_lib.Owl2(frozen, collect=True).apply({"params": p}, b))
+  adapted = jax.jit(lambda p, b: lora.LoraOwl2(frozen).apply({"params": p}, b)[0]["logits"])
+  ours_merged, aux = plain(merged, batch)
+  ours_base = np.asarray(plain(base, batch)[0]["logits"])
+  ours_unmerged = np.asarray(adapted({"base": base, "lora": adapters}, batch))
+  ours_merged = np.asarray(ours_merged["logits"])
+  seq_mask = np.array(aux["expanded_attention_mask"])
+  modality = np.array(aux["modality_indicators"])
+  real = seq_mask > 0
+  p = seq_mask.shape[1]
+  assert modality[2].sum() == m.abstractor.num_queries + 1 and not modality[:2].any()
+
+  # The exports: official layout (one safetensors file) and PEFT.
+  conversion.write_official(flat, m, str(tmp_path / "owl2.safetensors"))
+  lora.export_peft(str(tmp_path / "adapter"), adapters, m.lora)
+  config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert {k: config[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "bias",
+                                 "fan_in_fan_out", "use_rslora")} == {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 3, "lora_alpha": 7.5,
+      "bias": "none", "fan_in_fan_out": False, "use_rslora": False}
+  assert config["base_model_name_or_path"]
+  assert sorted(config["target_modules"]) == sorted(
+      ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "k_proj.multiway.0",
+       "k_proj.multiway.1", "v_proj.multiway.0", "v_proj.multiway.1"])
+
+  llm_only = lambda state: {k: val for k, val in state.items() if not k.startswith(
+      ("model.vision_model.", "model.visual_abstractor."))}
+  reference = _torch_owl2_llm(torch, m)
+  reference.load_state_dict(llm_only(load_torch(str(tmp_path / "owl2.safetensors"))),
+                            strict=True)
+  reference.eval()
+
+  def torch_logits(model):
+    """Text rows from their ids (torch's own embedding), the image row from our spliced
+    embeddings."""
+    with torch.no_grad():
+      text_ids = torch.from_numpy(np.pad(ids[:2], ((0, 0), (0, p - length))).astype(np.int64))
+      embeds = torch.cat([model.model.embed_tokens(text_ids),
+                          torch.from_numpy(np.array(aux["inputs_embeds"][2:]))])
+      return model(embeds, torch.from_numpy(modality), torch.from_numpy(seq_mask)).numpy()
+
+  def check(got, want, what):
+    scale = float(np.abs(want[real]).max())
+    diff = float(np.abs(got[real] - want[real]).max())
+    assert diff <= 3e-5 * scale, f"{what}: max abs diff {diff:.3g} (logit scale {scale:.3g})"
+
+  check(torch_logits(reference), ours_base, "base")
+  model = peft.PeftModel.from_pretrained(reference, str(tmp_path / "adapter"))
+  exported = load_numpy(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+  loaded = {k: val.numpy() for k, val in peft.get_peft_model_state_dict(
+      model, save_embedding_layers=False).items()}  # no hub look-up of the base config
+  assert sorted(loaded) == sorted(exported)             # every adapter attached by name
+  for k in exported:
+    np.testing.assert_array_equal(loaded[k], exported[k], err_msg=k)
+  layers = [mod for mod in model.modules() if isinstance(mod, peft.tuners.lora.LoraLayer)]
+  assert len(layers) == len(exported) // 2 == 9 * m.llm.layers
+  assert all(mod.scaling["default"] == 2.5 for mod in layers)
+  check(torch_logits(model.get_base_model()), ours_unmerged, "unmerged")
+  unloaded = model.merge_and_unload()
+  check(torch_logits(unloaded), ours_merged, "merged")
+  # The adapters matter (far above the tolerance), and the merged weights are ours.
+  assert np.abs(ours_merged - ours_base)[real].max() > 0.1 * np.abs(ours_base[real]).max()
+  official_merged = llm_only(conversion.official.to_official(param_store.flatten(merged), m))
+  for k, val in unloaded.state_dict().items():
+    np.testing.assert_allclose(val.numpy(), official_merged[k], rtol=1e-5, atol=1e-6,
+                               err_msg=k)
 
 
 def test_batched_greedy_eval_left_and_right_padding_agree(sft_run, demo):

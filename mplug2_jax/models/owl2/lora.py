@@ -17,6 +17,8 @@ Shapes: a kernel (lead..., in..., out...) with `lead` = layer (and modality) axe
 A (lead..., in, r) and B (lead..., r, out) with `in` / `out` flattened in row-major order,
 the order of the PyTorch weights (`convert/owl2/official.py`). `peft_state` names them as
 HF PEFT does (`base_model.model.<module>.lora_A.weight` (r, in), `lora_B.weight` (out, r)).
+`peft.PeftModel.from_pretrained` on a torch model with the official module names attaches
+them by name and gives our logits, unmerged and merged (docs/training.md, LoRA).
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ def peft_config(cfg: ml_collections.ConfigDict,
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
           "r": int(cfg.rank), "lora_alpha": float(cfg.alpha), "lora_dropout": 0.0,
           "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+          "use_rslora": False, "use_dora": False,   # scaling alpha / r, plain LoRA
           "target_modules": modules, "init_lora_weights": True}
 
 
