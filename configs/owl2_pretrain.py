@@ -77,6 +77,7 @@ def get_config(arg=None):
   o.warmup_lr = 0.0
   o.min_lr = 0.0
   o.warmup_prefix = True
+  o.lr_lag = False  # HF Trainer: step k runs at sched(k)
   o.grad_clip_norm = 1.0                              # our choice (unverified)
   o.accum_steps = a.accum or (1 if tiny else 32)
   config.total_steps = a.steps

@@ -74,6 +74,7 @@ def get_config(arg=None):
   o.warmup_lr = 0.0                                    # HF linear warm-up from 0
   o.min_lr = 0.0                                       # HF cosine to 0
   o.warmup_prefix = True                               # HF: the cosine starts after warm-up
+  o.lr_lag = False                                     # HF: step k runs at sched(k)
   o.grad_clip_norm = 1.0                               # HF Trainer max_grad_norm
   o.accum_steps = 1 if tiny else 8
   if a.steps:

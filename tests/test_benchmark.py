@@ -115,9 +115,11 @@ def test_accelerator_check_cpu_smoke(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "accelerator.json").read_text())
   assert report["ceiling_tflops"] > 0 and not report["skipped"]
-  (train,) = report["train"]
-  assert "error" not in train, train
-  assert train["step_s"] > 0 and train["samples_per_s"] > 0 and train["compiled_bytes"] > 0
-  (beam,) = report["generation"]
+  assert [r["item"] for r in report["train"]] == ["caption tiny", "Owl2 tiny"], report["train"]
+  for train in report["train"]:
+    assert "error" not in train, train
+    assert train["step_s"] > 0 and train["samples_per_s"] > 0 and train["compiled_bytes"] > 0
+  beam, decode = report["generation"]
   assert beam["videos_per_s"] > 0, beam
+  assert "error" not in decode and decode["tokens_per_s"] > 0, decode
   assert "| caption tiny | 2 |" in (tmp_path / "accelerator.md").read_text()

@@ -220,7 +220,10 @@ def test_global_arrays(data):
   b = next(it(config([data["video_qa"]]), batch=4 * n, sharding=sharding))
   assert isinstance(b["video"], jax.Array) and b["video"].shape == (4 * n, 4, 32, 32, 3)
   assert b["video"].sharding == sharding
-  rules_cfg = type("C", (), {"sharding_rules": (("activation_batch", ("data",)),)})()
+  import ml_collections
+
+  rules_cfg = ml_collections.ConfigDict({"sharding_rules": (("activation_batch", ("data",)),),
+                                         "mesh": {"axes": ("data",)}})
   from mplug2_jax import sharding as sharding_lib
   assert sharding_lib.batch_sharding(mesh, rules_cfg).spec == P(("data",))
 

@@ -72,9 +72,10 @@ def profile_top_ops(fn, trace_dir: str, hlo_text: str, top: int = 15
   total time: (instruction, seconds, executions, result shape, JAX source op_name).
 
   Durations are the runtime's per-thunk trace events; executions > 1 are scanned layers
-  (one event per layer). Control flow (while / conditional / call) is left out: its event
-  spans the operations of its body, which are counted themselves. The HLO text of the
-  compiled step names each instruction's shape and source.
+  (one event per layer). Only instructions of the compiled step's HLO are counted: control
+  flow (while / conditional / call) is left out, its event spans the operations of its
+  body, and so are runtime events such as a collective's rendezvous wait. The HLO text
+  names each instruction's shape and source.
   """
   import collections
   import glob
@@ -84,6 +85,12 @@ def profile_top_ops(fn, trace_dir: str, hlo_text: str, top: int = 15
   jax.block_until_ready(fn())
   jax.profiler.stop_trace()
   path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+  info = {}
+  for text in hlo_text.splitlines():
+    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", text)
+    if match:
+      source = re.search(r'op_name="([^"]*)"', text)
+      info[match.group(1)] = (match.group(2), source.group(1) if source else "")
   total: collections.Counter = collections.Counter()
   count: collections.Counter = collections.Counter()
   for plane in jax.profiler.ProfileData.from_file(path).planes:
@@ -92,17 +99,12 @@ def profile_top_ops(fn, trace_dir: str, hlo_text: str, top: int = 15
         continue
       for event in line.events:
         name = event.name
-        if name.startswith(("ThreadpoolListener", "end:", "ThunkExecutor", "SlinkyThreadPool",
-                            "while", "conditional", "call")):
+        # Only the compiled step's instructions: runtime events (thread pools, collective
+        # rendezvous waits) and control flow (its span holds its body's operations) are not.
+        if name not in info or name.startswith(("while", "conditional", "call")):
           continue
         total[name] += event.duration_ns / 1e9
         count[name] += 1
-  info = {}
-  for text in hlo_text.splitlines():
-    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", text)
-    if match:
-      source = re.search(r'op_name="([^"]*)"', text)
-      info[match.group(1)] = (match.group(2), source.group(1) if source else "")
   return [(name, seconds, count[name], *info.get(name, ("?", "")))
           for name, seconds in total.most_common(top)]
 

@@ -249,6 +249,44 @@ class _Manager(ocp.CheckpointManager):
     return super()._finalize_checkpoint(step)
 
 
+def _is_closed_loop(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _silence_closed_loop_reports() -> None:
+  """Drops the "Event loop is closed" reports of TensorStore threads after a failed write.
+
+  Orbax closes its writer's event loop at the first failed write while TensorStore still
+  completes the other writes; each completion's `call_soon_threadsafe` then raises in a
+  library thread, which Python reports through `sys.excepthook` / `sys.unraisablehook`
+  (a few hundred tracebacks for a small model). The failure itself is reported once, by
+  `CheckpointSaveError`; every other exception still reaches the previous hooks.
+  """
+  import sys
+
+  if getattr(sys.excepthook, "_drops_closed_loop", False):
+    return
+  except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind, value, tb):
+    if not _is_closed_loop(value):
+      except_hook(kind, value, tb)
+
+  def unraisablehook(unraisable):
+    if not _is_closed_loop(unraisable.exc_value):
+      unraisable_hook(unraisable)
+
+  excepthook._drops_closed_loop = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  thread_hook = threading.excepthook
+
+  def thread_excepthook(args):
+    if not _is_closed_loop(args.exc_value):
+      thread_hook(args)
+
+  threading.excepthook = thread_excepthook
+
+
 class _OneLine(std_logging.Filter):
   """Orbax logs each failed write with a traceback from several threads; the failure is
   reported once by `CheckpointSaveError`, so its records keep their first line only."""
@@ -267,6 +305,7 @@ class Checkpoints:
   """Train-state + iterator checkpoints in `directory` (see the module docstring)."""
 
   def __init__(self, directory: str, c: ml_collections.ConfigDict | None = None):
+    _silence_closed_loop_reports()
     c = c or default_checkpoint_config()
     self.config = c
     self.on_corrupt = c.get("on_corrupt", "fallback")
