@@ -417,6 +417,33 @@ def initialize(plan: Plan) -> Plan:
   return plan
 
 
+_barriers = 0  # barriers passed by this process (each gets its own id, in the same order)
+DEFAULT_BARRIER_TIMEOUT = 3600
+
+
+def barrier(name: str, timeout_s: int = DEFAULT_BARRIER_TIMEOUT) -> None:
+  """Waits until every process reaches this point, at the coordination service (no device
+  collective); nothing for a single process.
+
+  For a point where processes may arrive far apart, such as right after compiling: on CPU,
+  Gloo gives the process that enters a collective first only 30 s to be joined, and the
+  persistent compilation cache serves only process 0 (the CPU cache key differs per process
+  and only process 0 writes entries), so process 0 can load the train step a minute before
+  process 1 has compiled it."""
+  global _barriers
+  import jax
+
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the client orbax's barriers use too
+
+  client = jax_distributed.global_state.client
+  if client is None:
+    return
+  _barriers += 1
+  client.wait_at_barrier(f"mplug2_jax/{_barriers}/{name}", int(timeout_s * 1000))
+
+
 def preflight(mesh_config, plan: Plan | None = None, *, num_devices: int | None = None,
               num_processes: int | None = None, local_devices: int | None = None) -> int:
   """LaunchError (one line naming both numbers) unless the global device count equals the

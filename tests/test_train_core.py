@@ -745,6 +745,31 @@ def test_sigterm_requests_a_save(tmp_path):
   assert signal.getsignal(signal.SIGTERM) is not guard._handler
 
 
+def test_only_the_guard_moves_the_preemption_sync_counter(tmp_path, monkeypatch):
+  """JAX's sync point remembers the step of its latest call and publishes it when a notice
+  comes; orbax's manager would call it from its finalize thread with the step of a finished
+  asynchronous save (older than the loop's), so a process could publish a stale step and
+  miss the agreed stop step. Only the guard's per-step calls may reach it."""
+  from jax.experimental import multihost_utils
+
+  calls = []
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: calls.append(step) or False)
+  c = checkpointing.default_checkpoint_config()
+  c.update(every_steps=2, async_save=True)
+  ckpt = checkpointing.Checkpoints(str(tmp_path / "ckpt"), c)
+  guard = checkpointing.PreemptionGuard()
+  guard.synchronised = True  # as with jax.distributed up (no signal handler here)
+  tree = {"w": jnp.arange(4.0)}
+  for step in range(1, 6):
+    ckpt.save(step, tree, force=step == 5)  # interval saves, then a forced one
+    ckpt.wait()  # the finalize thread has run
+    assert not guard.should_stop(step, ckpt)
+  ckpt.close()
+  assert ckpt.all_steps() == [2, 4, 5]
+  assert calls == [1, 2, 3, 4, 5]
+
+
 def test_keep_last_k_plus_best(tmp_path):
   c = checkpointing.default_checkpoint_config()
   c.update(every_steps=1, keep=2, keep_best=1, best_metric="score", best_mode="max")

@@ -6,7 +6,9 @@ a persistent compilation cache, so only the first run pays the compile. The mode
 demo config shrunk further by flags, on synthetic batches.
 """
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -196,6 +198,93 @@ def test_two_processes_match_one_process(cache, tmp_path):
     assert p.returncode == 0, err[-4000:]
   assert "process 0/2" in outs[0][1] or "process 0 of 2" in outs[0][1]
   assert_same_losses(losses(one), losses(two), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Preemption of a 2-process run (the local launcher, jax.distributed on 127.0.0.1).
+# --------------------------------------------------------------------------------------
+
+TWO_STEPS = 16
+
+
+def launch_two(cache, workdir, logs):
+  """`python -m mplug2_jax.launch.local --num_processes=2 -- python -m mplug2_jax.main ...`
+  (one CPU device each, logs in `logs/process_<i>.log`); returns (launcher, [pid0, pid1])."""
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "mplug2_jax.launch.local", "--num_processes=2",
+       f"--log_dir={logs}", "--",
+       *command(workdir, "--config.checkpoint.every_steps=4", steps=TWO_STEPS)],
+      cwd=REPO, env=environment(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  return proc, [int(proc.stdout.readline().split()[-1]) for _ in range(2)]
+
+
+def tails(logs):
+  return "\n".join(f"--- process {i}:\n" + (logs / f"process_{i}.log").read_text()[-3000:]
+                   for i in range(2) if (logs / f"process_{i}.log").exists())
+
+
+def finish(proc, logs, timeout=600):
+  """Waits for the launcher (stopping it on a hang); returns both processes' logs."""
+  try:
+    _, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.terminate()  # the launcher forwards it to both processes
+    proc.communicate(timeout=120)
+    raise AssertionError("the 2-process run hung\n" + tails(logs)) from None
+  assert proc.returncode == 0, err[-2000:] + tails(logs)
+  return [(logs / f"process_{i}.log").read_text() for i in range(2)]
+
+
+def stop_steps(text):
+  return [int(s) for s in re.findall(r"preemption notice at step (\d+): saving", text)]
+
+
+# 12 min on 2 cores at load ~9 (three 2-process launches; process 1 compiles the step in
+# each, as on CPU only process 0 gets persistent-cache hits).
+# Faster coverage: tests/test_launch.py (2 processes, the same guard and checkpoints in a
+# small loop) and test_train_core.py::test_only_the_guard_moves_the_preemption_sync_counter.
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_one_step_and_resumes_exactly(cache, tmp_path):
+  """SIGTERM (a preemption notice) to process 1 of a 2-process run, mid-training, with
+  asynchronous interval saves: both processes stop at the same step (JAX's preemption sync
+  point), save that one checkpoint and exit with status preempted; the rerun resumes from
+  it and ends with the parameters and losses of an uninterrupted 2-process run, bit for
+  bit."""
+  straight = tmp_path / "straight"
+  proc, _ = launch_two(cache, straight, tmp_path / "straight_logs")
+  finish(proc, tmp_path / "straight_logs")
+  assert json.loads((straight / "run_status.json").read_text())["status"] == "done"
+
+  work, logs = tmp_path / "preempted", tmp_path / "preempted_logs"
+  proc, pids = launch_two(cache, work, logs)
+  deadline = time.time() + 300
+  # Process 0 logs a step once both processes have run it (its collectives need both); by
+  # step 5 the asynchronous save of step 4 has finished.
+  while not any(r["step"] >= 5 for r in metrics_lib.read_metrics(work)):
+    if proc.poll() is not None or time.time() > deadline:
+      finish(proc, logs, timeout=1)
+      raise AssertionError("no training step before the deadline\n" + tails(logs))
+    time.sleep(0.05)
+  os.kill(pids[1], signal.SIGTERM)
+  text = finish(proc, logs)
+  status = json.loads((work / "run_status.json").read_text())
+  assert status["status"] == "preempted", status
+  stop = status["step"]
+  assert stop_steps(text[0]) == stop_steps(text[1]) == [stop] and 5 <= stop < TWO_STEPS
+  saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [4, stop], saved  # the interval save of step 4, then the agreed step
+  assert not (work / "params").exists()
+
+  proc, _ = launch_two(cache, work, logs)
+  for t in finish(proc, logs):
+    assert re.search(rf"resumed from \S+ at step {stop}\b", t), t[-3000:]
+  assert json.loads((work / "run_status.json").read_text())["status"] == "done"
+  assert_same_losses(losses(straight), losses(work))  # bit for bit
+  want, got = (param_store.flatten(param_store.load_params(w)) for w in (straight, work))
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 # --------------------------------------------------------------------------------------

@@ -248,6 +248,20 @@ class _Manager(ocp.CheckpointManager):
     self.check_for_errors()
     return super()._finalize_checkpoint(step)
 
+  def reached_preemption(self, step: int) -> bool:
+    """False: JAX's preemption sync point is `PreemptionGuard`'s alone.
+
+    The sync point remembers the step of its latest call, and when a notice arrives every
+    process publishes that step and all stop at the largest + 1. Orbax's manager calls it
+    too (`should_save`, `save`, and on the primary host from the finalize thread of an
+    asynchronous save, with the step of that save): that rewinds the remembered step, the
+    process publishes a step older than its loop, the agreed stop step can be one it has
+    already passed, and it trains on alone while the others wait for it in the save's
+    collectives. The loop saves at the agreed step itself (`save(..., force=True)`).
+    """
+    del step
+    return False
+
 
 def _is_closed_loop(exc: BaseException | None) -> bool:
   return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
@@ -516,10 +530,11 @@ class PreemptionGuard:
   coordination service's notifier catches SIGTERM on whichever host gets it, every host
   reports its step, and all of them return True at the same step (the largest reported + 1),
   so a pod saves one consistent checkpoint instead of hanging in a collective. Every
-  process must call `should_stop` at every step, from the same start step. Python's signal
-  handler would replace that notifier's, so it is only installed for a single process
-  without `jax.distributed`, where a flag is enough. The previous handler is restored on
-  exit.
+  process must call `should_stop` at every step, from the same start step, and nothing
+  else may call the sync point (`_Manager.reached_preemption` keeps orbax from it).
+  Python's signal handler would replace that notifier's, so it is only installed for a
+  single process without `jax.distributed`, where a flag is enough. The previous handler
+  is restored on exit.
   """
 
   def __init__(self, signals=(signal.SIGTERM,)):

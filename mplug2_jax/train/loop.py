@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mplug2_jax import param_store, sharding
+from mplug2_jax import distributed, param_store, sharding
 from mplug2_jax.models import registry, schema as schema_lib
 from mplug2_jax.train import checkpointing
 from mplug2_jax.train import metrics as metrics_lib
@@ -142,6 +142,9 @@ def _train(config, workdir: epath.Path, evaluator, stop_after, guard) -> dict[st
   logging.info("FLOPs per step: analytic %.4g (global batch); XLA cost analysis %.4g (one "
                "device's program, a scanned layer stack counted once)", step_flops, xla_flops)
   peak = float(config.peak_tflops) * jax.device_count()
+  # Processes compile at different speeds (a cache hit on one, a compile on another); the
+  # first collective below (the checkpoint directory's sync) must not wait on a late one.
+  distributed.barrier("train step compiled")
 
   # ================================================================== load checkpoint
   ckpt = checkpointing.Checkpoints(workdir / "checkpoints", config.checkpoint)
