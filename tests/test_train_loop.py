@@ -126,6 +126,8 @@ def test_finished_run_exports_its_final_params(straight):
     np.testing.assert_array_equal(flat_a[k], np.asarray(flat_b[k]), err_msg=k)
 
 
+@pytest.mark.slow  # covered faster: test_launch (SIGTERM, one step saved, exact resume),
+# test_train_core::test_sigterm_requests_a_save and test_exact_resume_bit_for_bit
 def test_sigterm_saves_and_the_resumed_run_matches_the_straight_run(straight, cache,
                                                                    tmp_path):
   want = losses(straight[0])
