@@ -465,3 +465,33 @@ def test_bad_config_values_name_the_key(updates, match):
   with pytest.raises(ConfigError, match=match):
     experiment.validate(config, 1)
 
+
+
+def test_closed_event_loop_reports_are_dropped_and_nothing_else(tmp_path):
+  """After a failed write TensorStore threads call `call_soon_threadsafe` on orbax's closed
+  event loop; those reports are dropped, any other exception of a thread still prints.
+  (In a subprocess: pytest replaces the thread hook around each test.)"""
+  import subprocess
+  import sys
+
+  code = f"""
+import asyncio, threading
+from mplug2_jax.train import checkpointing
+checkpointing.Checkpoints({str(tmp_path / "ckpt")!r})
+loop = asyncio.new_event_loop()
+loop.close()
+def closed_loop():
+  loop.call_soon_threadsafe(lambda: None)  # RuntimeError: Event loop is closed
+def other():
+  raise ValueError("a real failure")
+for target in (closed_loop, other):
+  thread = threading.Thread(target=target)
+  thread.start()
+  thread.join()
+"""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "Event loop is closed" not in proc.stderr, proc.stderr[-2000:]
+  assert "ValueError: a real failure" in proc.stderr, proc.stderr[-2000:]
