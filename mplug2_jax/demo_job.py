@@ -50,7 +50,7 @@ TRAIN_CONFIG = REPO / "configs" / "demo.py"
 EVAL_CONFIG = REPO / "configs" / "eval" / "demo.py"
 # The Owl2 stage: steps and batch of the tiny instruction tuning, and its rows
 # (label, metric key of `owl2_bench.score_demo`, chance key).
-OWL2_STEPS, OWL2_BATCH, OWL2_TRAIN, OWL2_TEST = 600, 16, 2048, 128
+OWL2_STEPS, OWL2_BATCH, OWL2_TRAIN, OWL2_TEST = 600, 16, 2048, 384
 OWL2_ROWS = (("Owl2 open-answer accuracy", "open/accuracy", "open/chance"),
              ("Owl2 multiple-choice accuracy", "choice/accuracy", "choice/chance"))
 # (row label, eval task, metric key, trained model's stage)

@@ -165,6 +165,17 @@ def test_sft_config_abstractor_lr_and_official_bug_switch():
     experiment.validate(bad, 1)
 
 
+def test_demo_question_wording_does_not_depend_on_the_answer():
+  """Only the image can tell the answer: the open questions read the same for every
+  colour, shape and count (a question such as "How many circle are there?" would give away
+  the count and the shape)."""
+  rng = np.random.default_rng(0)
+  asked = {tuple(q["question"] for q in demo_instruction.image_questions(rng, c, s, n)
+                 if q["kind"] == "open")
+           for c in demo_instruction.COLOURS for s in demo_instruction.SHAPES for n in (1, 2, 3)}
+  assert len(asked) == 1 and len(next(iter(asked))) == 3
+
+
 def test_truncation_keeps_whole_images(demo):
   tok = spm.SentencePieceTokenizer(demo["tokenizer"])
   chat = [{"from": "human", "value": "<|image|>What colour is the shape?"},

@@ -72,11 +72,12 @@ def _choice(rng: np.random.Generator, answer: str, pool: Sequence[str]) -> tuple
 
 def image_questions(rng: np.random.Generator, colour: str, shape: str,
                     count: int) -> list[dict]:
-  """Every question about one image: open and multiple choice, colour / shape / count."""
-  plural = shape + ("s" if count > 1 else "")
+  """Every question about one image: open and multiple choice, colour / shape / count. No
+  wording gives an answer away ("How many circle are there?" would tell the count by the
+  noun's number and the shape by the noun)."""
   facts = [("What colour is the shape?", colour, COLOURS),
            ("What shape is shown?", shape, SHAPES),
-           (f"How many {plural} are there?", COUNT_WORDS[count - 1], COUNT_WORDS)]
+           ("How many shapes are there?", COUNT_WORDS[count - 1], COUNT_WORDS)]
   out = []
   for question, answer, pool in facts:
     out.append(dict(kind="open", format="vqa", ask=question,
