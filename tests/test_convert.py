@@ -132,6 +132,45 @@ def test_import_at_another_resolution(golden):
   assert adapted.resized_from == (17, model_cfg.vision.width)
 
 
+def test_pretraining_checkpoint_imports_as_the_official_fine_tuning_loads_it(golden):
+  """The golden VideoQA state in the official pretraining layout (encoder and fusion under
+  MLM wrappers, heads, queues): the task import gives the same parameters; the ITC/ITM
+  modules are left out, the MLM heads meet the unused rules; a renaming collision fails."""
+  from mplug2_jax.convert import mplug2 as conversion
+
+  _, model_cfg, state = golden
+  wrapped = {}
+  for key, value in state.items():
+    if key.startswith(("text_encoder.", "fusion_encoder.")):
+      tower, rest = key.split(".", 1)
+      key = f"{tower}.bert.{rest}"
+    wrapped[key] = value
+  width = model_cfg.text.hidden_size
+  heads = {"vision_proj.weight": (4, width), "temp": (), "itm_head.bias": (2,),
+           "idx_queue": (1, 8), "text_encoder.cls.predictions.transform.dense.weight":
+           (width, width), "fusion_encoder.cls.predictions.bias": (5,)}
+  wrapped.update({k: np.zeros(s, np.float32) for k, s in heads.items()})
+  assert official.finetuning_key("text_decoder.bert.encoder.layer.0.output.dense.weight") == \
+      "text_decoder.bert.encoder.layer.0.output.dense.weight"  # decoder keys keep "bert."
+  flat, notes = conversion.import_official(wrapped, model_cfg, None)
+  for path, value in official.to_flax(state, model_cfg).items():
+    np.testing.assert_array_equal(flat[path], value, err_msg=path)
+  assert "left out 4 keys of modules no task model has (idx_queue, itm_head, temp, " \
+         "vision_proj)" in notes[0]
+
+  wrapped["text_encoder.embeddings.word_embeddings.weight"] = np.zeros(1)
+  with pytest.raises(official.ConversionError, match="'text_encoder.bert.embeddings.word_"
+                     "embeddings.weight' and 'text_encoder.embeddings.word_embeddings.weight'"):
+    conversion.import_official(wrapped, model_cfg, None)
+  model_cfg = model_cfg.copy_and_resolve_references()
+  model_cfg.task = "pretrain"
+  with pytest.raises(official.ConversionError, match="pretraining heads .*itc_head, itm_head, "
+                     "mlm_head.* import an official checkpoint into a task config"):
+    conversion.import_official(state, model_cfg, {
+        "itc_head/temp": (), "itm_head/kernel": (width, 2), "mlm_head/bias": (5,),
+        **{k: v.shape for k, v in official.to_flax(state, model_cfg).items()}})
+
+
 # ---- pretraining init ------------------------------------------------------------------
 
 

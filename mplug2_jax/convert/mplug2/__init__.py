@@ -38,9 +38,15 @@ def import_official(state: Mapping, m: ml_collections.ConfigDict,
                     expected: dict[str, tuple]) -> tuple[dict[str, np.ndarray], list[str]]:
   """(flat params, notes) from an official state dict, every key accounted for."""
   _check_task(m, "import-official")
+  notes = []
+  if official.is_pretraining_layout(state):
+    state = official.PretrainingStateDict(state)
+    modules = sorted({k.split(".")[0] for k in state.left_out})
+    notes.append(f"official pretraining checkpoint: keys renamed as the official fine-tuning "
+                 f"scripts do; left out {len(state.left_out)} keys of modules no task model "
+                 f"has ({', '.join(modules) or 'none'})")
   adapted = official.AdaptedStateDict(state, m)
   flat = official.to_flax(adapted, m, expected)
-  notes = []
   if adapted.resized_from is not None:
     notes.append(f"visual positional embedding resized {adapted.resized_from} -> grid "
                  f"{m.image_size // m.vision.patch_size}")

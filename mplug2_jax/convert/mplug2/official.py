@@ -262,6 +262,8 @@ UNUSED_RULES = (
     (r"^text_decoder\.bert\.encoder\.layer\.\d+\.latents$", "decoder latents, never used"),
     (r"^fusion_encoder\.embeddings\.", "fusion embeddings, the fusion model takes embeddings"),
     (r"^[a-z_]+_m\.", "momentum (distillation) copy; its loss term has weight 0"),
+    (r"^(text_encoder|fusion_encoder)\.cls\.", "MLM head of the pretraining checkpoint; no "
+     "task model has it"),
 )
 
 
@@ -321,8 +323,13 @@ def to_flax(state: dict[str, np.ndarray], m: ml_collections.ConfigDict,
   if expected is not None:
     unfilled = sorted(set(expected) - set(flat))
     if unfilled:
+      heads = sorted({u.split("/")[0] for u in unfilled} & {"itc_head", "itm_head", "mlm_head"})
+      hint = (f"; the official key names of the pretraining heads ({', '.join(heads)}) are "
+              f"not known (no official pretraining code): import an official checkpoint "
+              f"into a task config (caption, videoqa, grounding), as the official "
+              f"fine-tuning loads the pretrained one") if heads else ""
       raise ConversionError(f"model parameter {unfilled[0]!r} has no official key "
-                            f"({len(unfilled)} unfilled)")
+                            f"({len(unfilled)} unfilled){hint}")
   return flat
 
 
@@ -370,6 +377,60 @@ def model_config_from_official(case: dict) -> ml_collections.ConfigDict:
     raise ConversionError(f"config.vision_width={yaml['vision_width']} but the CLIP "
                           f"architecture has width {m.vision.width}")
   return m
+
+
+# ---- the official pretraining checkpoint ------------------------------------------------
+
+# Modules of the official task models; a pretraining checkpoint's other top-level modules
+# (ITC projections, temperature, ITM head, feature queues) have no place in a task model.
+TASK_MODULE_PREFIXES = ("visual_encoder.", "text_encoder.", "fusion_encoder.", "text_decoder.",
+                        "visn_fc.", "visn_layer_norm.", "visn_emb_norm.")
+
+
+def finetuning_key(key: str) -> str:
+  """The key the official fine-tuning scripts give a pretraining-checkpoint key: "bert."
+  and "fusion." are dropped from every key that names bert or fusion, decoder keys
+  excepted (official video_qa_mplug2.py:294-298, video_caption_mplug2.py:279-283). The
+  pretraining model wraps the text encoder and the fusion model in MLM models
+  (`text_encoder.bert.*`, `fusion_encoder.bert.*`); the task models do not."""
+  if ("bert" in key or "fusion" in key) and "decoder" not in key:
+    return key.replace("fusion.", "").replace("bert.", "")
+  return key
+
+
+def is_pretraining_layout(state: Mapping) -> bool:
+  return any(k.startswith(("text_encoder.bert.", "fusion_encoder.bert.")) for k in state)
+
+
+class PretrainingStateDict(Mapping):
+  """An official pretraining checkpoint seen as the fine-tuning scripts load it.
+
+  Keys are renamed by `finetuning_key`. Keys of modules no task model has (the ITC/ITM
+  heads, the temperature, the feature queues: `left_out`) are dropped, as the official
+  `load_state_dict(strict=False)` drops them; the MLM heads (`*.cls.*`) and momentum copies
+  stay and meet `UNUSED_RULES`. Two keys renamed to one is an error naming both.
+  """
+
+  def __init__(self, state: Mapping):
+    self.state, self.names, self.left_out = state, {}, []
+    for key in state:
+      name = finetuning_key(key)
+      if not name.startswith(TASK_MODULE_PREFIXES) and not re.match(r"^[a-z_]+_m\.", name):
+        self.left_out.append(key)
+        continue
+      if name in self.names:
+        raise ConversionError(f"official keys {self.names[name]!r} and {key!r} both become "
+                              f"{name!r} under the fine-tuning renaming")
+      self.names[name] = key
+
+  def __getitem__(self, key):
+    return self.state[self.names[key]]
+
+  def __iter__(self):
+    return iter(self.names)
+
+  def __len__(self):
+    return len(self.names)
 
 
 # ---- resolution change and complete export ------------------------------------------------

@@ -1,6 +1,7 @@
 r"""The 7B conversion both ways through sharded safetensors, with peak host memory.
 
-    python -m mplug2_jax.convert.owl2.large_roundtrip --workdir /tmp/owl2_rt [--llm_layers 32]
+    python -m mplug2_jax.convert.owl2.large_roundtrip --workdir /tmp/owl2_rt [--llm_layers 32] \
+        [--dtype bfloat16]
 
 1. writes random official weights of the 7B layout (`official.layout`: every parameter
    and buffer key, regenerated buffers) as an HF directory: one shard per LLM layer plus
@@ -12,7 +13,9 @@ r"""The 7B conversion both ways through sharded safetensors, with peak host memo
 
 `--llm_layers` below 32 keeps every tensor at its 7B size but fewer decoder layers (one
 layer is 236,003,328 parameters, 0.88 GiB in float32), so the run fits a small machine;
-the memory per layer is then read off two runs.
+the memory per layer is then read off two runs. `--dtype bfloat16` writes the weights in
+bfloat16 and imports them into bfloat16 parameters (`model.param_dtype`): the whole 7B at
+half the float32 memory.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/owl2_large_roundtrip", "Scratch directory.")
 _LAYERS = flags.DEFINE_integer("llm_layers", 32, "Decoder layers (32 = the released 7B).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Dtype of the weights (buffers keep theirs) and of the parameters.")
 _STAGE = flags.DEFINE_string("stage", None, "internal: run one stage in this process.")
 
 CONFIG = "{repo}/configs/owl2.py:7b"
@@ -38,10 +43,11 @@ def model_config(layers: int):
   return m
 
 
-def write_random_checkpoint(directory: pathlib.Path, layers: int) -> None:
+def write_random_checkpoint(directory: pathlib.Path, layers: int, dtype: str) -> None:
   import json
   import time
 
+  import jax.numpy as jnp
   import numpy as np
 
   from mplug2_jax.convert import checkpoints
@@ -59,10 +65,12 @@ def write_random_checkpoint(directory: pathlib.Path, layers: int) -> None:
       if key in buffers:
         yield key, buffers[key]
       else:
-        yield key, rng.standard_normal(layout[key], dtype=np.float32) * np.float32(0.02)
+        weight = rng.standard_normal(layout[key], dtype=np.float32) * np.float32(0.02)
+        yield key, weight.astype(jnp.dtype(dtype))
 
   checkpoints.write_sharded(tensors(), directory, shard, count)
-  (directory / "config.json").write_text(json.dumps(official.official_config(m), indent=2))
+  (directory / "config.json").write_text(json.dumps(official.official_config(m, dtype),
+                                                    indent=2))
   params = sum(int(np.prod(s)) for k, s in layout.items() if k not in buffers)
   size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
   print(f"wrote {len(layout)} tensors ({params:,} parameters, {size / 2**30:.2f} GiB) in "
@@ -95,16 +103,16 @@ def main(argv):
   work.mkdir(parents=True, exist_ok=True)
   original, ours, exported = work / "official", work / "params", work / "export"
   if _STAGE.value == "write":
-    return write_random_checkpoint(original, _LAYERS.value)
+    return write_random_checkpoint(original, _LAYERS.value, _DTYPE.value)
   if _STAGE.value == "compare":
     return compare(original, exported)
   repo = pathlib.Path(__file__).resolve().parents[3]
   me = ["-m", "mplug2_jax.convert.owl2.large_roundtrip", f"--workdir={work}",
-        f"--llm_layers={_LAYERS.value}"]
+        f"--llm_layers={_LAYERS.value}", f"--dtype={_DTYPE.value}"]
   run(*me, "--stage=write")
   run("-m", "mplug2_jax.convert", "import-official", f"--checkpoint={original}",
       f"--config={CONFIG.format(repo=repo)}", f"--config.model.llm.layers={_LAYERS.value}",
-      f"--out={ours}")
+      f"--config.model.param_dtype={_DTYPE.value}", f"--out={ours}")
   run("-m", "mplug2_jax.convert", "export-official", f"--checkpoint={ours}", f"--out={exported}")
   run(*me, "--stage=compare")
 
