@@ -53,13 +53,26 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def nonfinite_leaves(params: Mapping) -> list[str]:
   """Paths ('a/b/c') of the floating-point leaves holding a NaN or an infinity (host or
-  sharded arrays; every process must call it)."""
+  sharded arrays; every process must call it). Host arrays are checked in place, slice by
+  slice: a device copy of a 7B import would double its memory."""
   import jax.numpy as jnp
 
-  flat = flatten(params)
-  checks = jax.jit(lambda t: {k: jnp.all(jnp.isfinite(v)) for k, v in t.items()
-                              if jnp.issubdtype(jnp.asarray(v).dtype, jnp.inexact)})(flat)
-  return sorted(k for k, ok in jax.device_get(checks).items() if not bool(ok))
+  flat = {k: v for k, v in flatten(params).items() if jnp.issubdtype(jnp.result_type(v),
+                                                                      jnp.inexact)}
+  bad = [k for k, v in flat.items() if isinstance(v, np.ndarray) and count_nonfinite(v)]
+  on_device = {k: v for k, v in flat.items() if not isinstance(v, np.ndarray)}
+  if on_device:
+    checks = jax.jit(lambda t: {k: jnp.all(jnp.isfinite(v)) for k, v in t.items()})(on_device)
+    bad += [k for k, ok in jax.device_get(checks).items() if not bool(ok)]
+  return sorted(bad)
+
+
+def count_nonfinite(value: np.ndarray, chunk: int = 1 << 24) -> int:
+  """NaNs and infinities in a host array, counted over float32 slices of `chunk` elements
+  (no full-size copy of a stacked 7B leaf)."""
+  flat = value.reshape(-1)
+  return sum(int((~np.isfinite(flat[i:i + chunk].astype(np.float32))).sum())
+             for i in range(0, flat.size, chunk))
 
 
 def check_shapes(flat: Mapping[str, Any], expected: Mapping[str, Any], where) -> None:
@@ -93,8 +106,15 @@ def save_params(directory, params: dict, model_config: ml_collections.ConfigDict
   directory.mkdir(parents=True, exist_ok=True)
   # Synchronous and uncompressed: orbax's compressing save holds about two more copies of
   # the arrays while it writes (a 7B import would need ~3x its size of host memory);
-  # parameters hardly compress. Readable by `load_params` like any orbax pytree.
-  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+  # parameters hardly compress. Host arrays are written without orbax's safety copy:
+  # the save is synchronous, so nothing changes them meanwhile. Readable by `load_params`
+  # like any orbax pytree.
+  th = ocp.type_handlers
+  handlers = th.create_type_handler_registry(
+      *[(t, th.get_type_handler(t)) for t in (int, float, np.number, jax.Array)],
+      (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)))
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+      use_compression=False, type_handler_registry=handlers))
   checkpointer.save(directory / PARAMS_DIR, args=ocp.args.PyTreeSave(params), force=True)
   checkpointer.close()
   if jax.process_index() == 0:

@@ -85,6 +85,8 @@ def check_imported(flat: dict, expected: dict, allow_cast: bool = False) -> dict
   import jax.numpy as jnp
   import numpy as np
 
+  from mplug2_jax import param_store
+
   out = {}
   for key, value in flat.items():
     value = np.asarray(value)
@@ -99,21 +101,12 @@ def check_imported(flat: dict, expected: dict, allow_cast: bool = False) -> dict
                          f"{want}")
       value = value.astype(want)
     if jnp.issubdtype(value.dtype, jnp.inexact):
-      bad = _count_nonfinite(value)
+      bad = param_store.count_nonfinite(value)
       if bad:
         raise ValueError(f"tensor {key}: {bad} non-finite values (NaN or infinity)")
     out[key] = value
   return out
 
-
-def _count_nonfinite(value, chunk: int = 1 << 24) -> int:
-  """NaN/infinity count in float32 slices of `chunk` elements: a stacked 7B leaf (GiBs)
-  never gets a full-size float32 copy."""
-  import numpy as np
-
-  flat = value.reshape(-1)
-  return sum(int((~np.isfinite(flat[i:i + chunk].astype(np.float32))).sum())
-             for i in range(0, flat.size, chunk))
 
 
 def import_official(config, checkpoint: str, out: str, allow_cast: bool = False) -> None:
