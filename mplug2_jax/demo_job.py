@@ -13,7 +13,8 @@ On 2 CPU cores, about 12 minutes (figures in docs/training.md; the Owl2 stage ~4
      from the pretrained model), captioning, QA and classification;
   5. mPLUG-Owl2: the instruction demo data (`mplug2_jax.data.demo_instruction`) in
      WORKDIR/owl2_data, instruction tuning of the tiny Owl2 from scratch
-     (`configs/owl2_sft.py:tiny`) in WORKDIR/owl2, greedy answers to the held-out questions
+     (`configs/owl2_sft.py:tiny`, abstractor kernels initialised at std
+     OWL2_ABSTRACTOR_INIT_STD) in WORKDIR/owl2, greedy answers to the held-out questions
      of the trained and the untrained model (`evaluate/owl2_bench.py`): open answers
      (exact match) and multiple choice (letter); chance = uniform guessing among the
      answers of the question type / the options;
@@ -51,6 +52,11 @@ EVAL_CONFIG = REPO / "configs" / "eval" / "demo.py"
 # The Owl2 stage: steps and batch of the tiny instruction tuning, and its rows
 # (label, metric key of `owl2_bench.score_demo`, chance key).
 OWL2_STEPS, OWL2_BATCH, OWL2_TRAIN, OWL2_TEST = 600, 16, 2048, 384
+# From scratch, the official N(0, 0.02) abstractor kernels leave its output almost blind to
+# the image (2e-4 variation across images against a magnitude of 0.09: the normalised
+# queries' residual dominates). About 1/sqrt(width) for the tiny abstractor's width 32
+# lets the image through: docs/training.md section 6.
+OWL2_ABSTRACTOR_INIT_STD = 0.2
 OWL2_ROWS = (("Owl2 open-answer accuracy", "open/accuracy", "open/chance"),
              ("Owl2 multiple-choice accuracy", "choice/accuracy", "choice/chance"))
 # (row label, eval task, metric key, trained model's stage)
@@ -161,6 +167,7 @@ def owl2_stage(work: pathlib.Path, steps: int = 0) -> list[tuple[str, float, flo
   config = load_config(REPO / "configs" / "owl2_sft.py",
                        f"tiny,data={dataset},vocab={vocab},steps={steps or OWL2_STEPS},"
                        f"batch={OWL2_BATCH}")
+  config.model.abstractor.init_std = OWL2_ABSTRACTOR_INIT_STD
   config.checkpoint.every_steps = config.total_steps
   config.log_every_steps = max(1, config.total_steps // 10)
   experiment.validate(config)

@@ -101,6 +101,31 @@ def test_7b_parameter_count_is_exact():
   assert text == 6_738_415_616
 
 
+def test_abstractor_init_std_sets_every_abstractor_kernel_and_only_those():
+  """`model.abstractor.init_std` (official 0.02, the default, also for model configs
+  written without the key) is the normal std of the abstractor's kernels; the rest of
+  the model keeps the LLaMA init."""
+  def kernel_stds(m):
+    variables = jax.jit(owl2.build(m).init)(jax.random.key(0), owl2.init_batch(m))
+    flat = param_store.flatten(sharding.unboxed(variables["params"]))
+    return {k: float(np.std(v)) for k, v in flat.items() if k.endswith("kernel")}
+
+  m = owl2.model_config("tiny")
+  wide = m.copy_and_resolve_references()
+  wide.abstractor.init_std = 0.2
+  legacy = m.copy_and_resolve_references()
+  del legacy.abstractor["init_std"]
+  default, scaled, old = kernel_stds(m), kernel_stds(wide), kernel_stds(legacy)
+  assert old == default
+  abstractor = [k for k in default if k.startswith("abstractor/")]
+  assert len(abstractor) == 8  # q, k, v, out, gate, wi, wo, visual_fc
+  for k in default:
+    if k.startswith("abstractor/"):
+      assert 0.015 < default[k] < 0.025 and 0.15 < scaled[k] < 0.25, (k, default[k], scaled[k])
+    else:
+      assert scaled[k] == default[k], k
+
+
 def test_image_size_must_fit_the_positional_tables():
   m = owl2.model_config("tiny")
   owl2.validate(m)

@@ -18,7 +18,7 @@ Projections are tagged with `checkpoint_name` ("query_proj", "key_proj", "value_
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -29,7 +29,7 @@ from mplug2_jax.layers import multiway as multiway_lib
 from mplug2_jax.layers.attention_op import attention_op
 from mplug2_jax.layers.axes import BATCH_LENGTH_HEADS, constrain
 from mplug2_jax.layers.embeddings import apply_rope
-from mplug2_jax.layers.linear import Dense
+from mplug2_jax.layers.linear import Dense, default_kernel_init
 
 Array = jax.Array
 
@@ -57,6 +57,7 @@ class MultiHeadAttention(nn.Module):
   implementation: str = "xla"
   dropout_rate: float = 0.0
   cache: str = "none"
+  kernel_init: Callable = default_kernel_init
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -74,7 +75,8 @@ class MultiHeadAttention(nn.Module):
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     inputs_k = inputs_kv if inputs_k is None else inputs_k
     kv_heads = self.num_kv_heads or self.num_heads
-    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype,
+              param_dtype=self.param_dtype)
     query = Dense((self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
                   name="query", **kw)
     kv_proj = functools.partial(Dense, (kv_heads, self.head_dim),

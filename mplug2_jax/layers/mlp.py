@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -12,7 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mplug2_jax.layers.activations import activation
 from mplug2_jax.layers.axes import constrain
-from mplug2_jax.layers.linear import Dense
+from mplug2_jax.layers.linear import Dense, default_kernel_init
 from mplug2_jax.layers.norms import Norm
 
 
@@ -29,13 +29,14 @@ class Mlp(nn.Module):
   gated: bool = False
   use_bias: bool = True
   inner_norm_eps: float = 0.0
+  kernel_init: Callable = default_kernel_init
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    dense = functools.partial(Dense, use_bias=self.use_bias, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+    dense = functools.partial(Dense, use_bias=self.use_bias, kernel_init=self.kernel_init,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.hidden, kernel_axes=("embed", "mlp"), name="wi")(x)
     if self.gated:
       gate = dense(self.hidden, kernel_axes=("embed", "mlp"), name="gate")(x)

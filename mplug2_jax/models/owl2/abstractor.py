@@ -43,6 +43,12 @@ def position_tables(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndar
   return pos_q, pos_k
 
 
+def kernel_init(cfg: ml_collections.ConfigDict):
+  """Normal(`init_std`) for every abstractor kernel: the official `initializer_range` 0.02
+  by default (parameter directories written without the key get it too)."""
+  return nn.initializers.normal(cfg.get("init_std", 0.02))
+
+
 class AbstractorLayer(nn.Module):
   """One abstractor layer; the scan carry is the query stream."""
 
@@ -63,11 +69,12 @@ class AbstractorLayer(nn.Module):
     key_pos = jnp.concatenate([pos_q, pos_k], axis=0).astype(kv.dtype)
     attn = attentions.MultiHeadAttention(
         cfg.num_heads, d // cfg.num_heads, d, implementation=self.attention, name="attn",
-        **kw)(q + pos_q.astype(q.dtype), kv, inputs_k=kv + key_pos)
+        kernel_init=kernel_init(cfg), **kw)(q + pos_q.astype(q.dtype), kv, inputs_k=kv + key_pos)
     y = q + attn
     h = norms.Norm(cfg.norm_eps, name="norm_out", **kw)(y)
     x = y + mlp.Mlp(cfg.intermediate_size, d, act="silu", gated=True, use_bias=True,
-                    inner_norm_eps=cfg.layer_norm_eps, name="mlp", **kw)(h)
+                    inner_norm_eps=cfg.layer_norm_eps, kernel_init=kernel_init(cfg), name="mlp",
+                    **kw)(h)
     x = axes.constrain(x)
     return x, (x if self.collect else None)
 
@@ -104,7 +111,7 @@ class Abstractor(nn.Module):
     x, per_layer = layers(cfg, self.attention, self.collect, name="layers", **kw)(
         x, image.astype(self.dtype), jnp.asarray(pos_q), jnp.asarray(pos_k))
     tokens = linear.Dense(self.out_features, kernel_axes=("mlp", "embed"), name="visual_fc",
-                          **kw)(x)
+                          kernel_init=kernel_init(cfg), **kw)(x)
     eos = self.param("vit_eos", axes.param_init(nn.initializers.normal(1.0), ("embed",)),
                      (self.out_features,), self.param_dtype).astype(self.dtype)
     eos = jnp.broadcast_to(eos, (tokens.shape[0], 1, self.out_features))

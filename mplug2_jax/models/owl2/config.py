@@ -79,6 +79,9 @@ def model_config(size: str = "tiny", task: str = "instruct") -> ml_collections.C
       layer_norm_eps=1e-6,     # the SwiGLU's inner LayerNorm (ffn_ln), from the config
       norm_eps=1e-5,           # norm1 / normk / norm2: PyTorch's default eps (the official
                                # code ignores the config there, owl2.md section 3)
+      init_std=0.02,           # normal std of the abstractor's kernels at init (official:
+                               # LLaMA's N(0, 0.02), owl2.md section 10; the from-scratch
+                               # demo uses more, demo_job.OWL2_ABSTRACTOR_INIT_STD)
       **ABSTRACTOR_PRESETS[size]))
   m.llm = ml_collections.ConfigDict(dict(
       rms_norm_eps=1e-6,       # MPLUGOwl2Config default (LLaMA-2 itself: 1e-5)
