@@ -108,7 +108,6 @@ def check_imported(flat: dict, expected: dict, allow_cast: bool = False) -> dict
   return out
 
 
-
 def import_official(config, checkpoint: str, out: str, allow_cast: bool = False) -> None:
   from mplug2_jax import param_store
   from mplug2_jax.convert import checkpoints

@@ -247,6 +247,7 @@ def fusion_start(t: ml_collections.ConfigDict) -> int:
   return max(0, t.fusion_layers_built - t.fusion_layers)
 
 
+MOMENTUM_KEY = r"^[a-z_]+_m\."  # the distillation copies: visual_encoder_m.*, ...
 # Official keys that the task's forward never reads (spec sections 2.1, 3.3, 4, 5, 12).
 # (regex, reason). Tied copies are checked for equality rather than ignored.
 TIED = {
@@ -261,7 +262,7 @@ UNUSED_RULES = (
     (r"\.(intermediate_vision|output_vision)\.", "vision FFN of universal layers, never called"),
     (r"^text_decoder\.bert\.encoder\.layer\.\d+\.latents$", "decoder latents, never used"),
     (r"^fusion_encoder\.embeddings\.", "fusion embeddings, the fusion model takes embeddings"),
-    (r"^[a-z_]+_m\.", "momentum (distillation) copy; its loss term has weight 0"),
+    (MOMENTUM_KEY, "momentum (distillation) copy; its loss term has weight 0"),
     (r"^(text_encoder|fusion_encoder)\.cls\.", "MLM head of the pretraining checkpoint; no "
      "task model has it"),
 )
@@ -415,7 +416,7 @@ class PretrainingStateDict(Mapping):
     self.state, self.names, self.left_out = state, {}, []
     for key in state:
       name = finetuning_key(key)
-      if not name.startswith(TASK_MODULE_PREFIXES) and not re.match(r"^[a-z_]+_m\.", name):
+      if not name.startswith(TASK_MODULE_PREFIXES) and not re.match(MOMENTUM_KEY, name):
         self.left_out.append(key)
         continue
       if name in self.names:

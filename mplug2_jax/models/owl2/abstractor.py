@@ -67,14 +67,14 @@ class AbstractorLayer(nn.Module):
     k = norms.Norm(cfg.norm_eps, name="norm_k", **kw)(image)
     kv = jnp.concatenate([q, k], axis=1)
     key_pos = jnp.concatenate([pos_q, pos_k], axis=0).astype(kv.dtype)
+    init = kernel_init(cfg)
     attn = attentions.MultiHeadAttention(
         cfg.num_heads, d // cfg.num_heads, d, implementation=self.attention, name="attn",
-        kernel_init=kernel_init(cfg), **kw)(q + pos_q.astype(q.dtype), kv, inputs_k=kv + key_pos)
+        kernel_init=init, **kw)(q + pos_q.astype(q.dtype), kv, inputs_k=kv + key_pos)
     y = q + attn
     h = norms.Norm(cfg.norm_eps, name="norm_out", **kw)(y)
     x = y + mlp.Mlp(cfg.intermediate_size, d, act="silu", gated=True, use_bias=True,
-                    inner_norm_eps=cfg.layer_norm_eps, kernel_init=kernel_init(cfg), name="mlp",
-                    **kw)(h)
+                    inner_norm_eps=cfg.layer_norm_eps, kernel_init=init, name="mlp", **kw)(h)
     x = axes.constrain(x)
     return x, (x if self.collect else None)
 
